@@ -1,0 +1,285 @@
+"""Typed run configuration: YAML files under configs/, ``--set key=value`` overrides, strict validation.
+
+Every option has a name and a default here; a YAML file only lists what it changes.
+Loading rejects unknown keys (suggesting the closest valid one), wrong types and impossible
+combinations with a one-line ``ConfigError``. Objective options live with each objective
+(``vrpo.objectives``) and are validated against the class that ``objective.name`` selects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line that names the key."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "SiT-T/2"  # FAMILY-SIZE/PATCH: SiT or DiT; T, S, B, L, XL; patch 1, 2, 4, 8
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"  # fashion-mnist, mnist, digits, image-folder, tensors
+    root: str | None = None  # where the files are; None searches the usual places
+    split: str = "train"
+    resolution: int = 32
+    limit: int = 0  # > 0: a class-balanced subset of this many images (fixed by data_seed)
+    data_seed: int = 0
+    unconditional: bool = False
+
+
+@dataclass
+class TransportConfig:
+    interpolant: str = "linear"  # linear (SiT Linear), cosine (SiT GVP)
+    prediction: str = "velocity"  # velocity, noise, score
+    timesteps: str = "uniform"  # uniform, logit_normal
+    t_min: float = 0.0
+    t_max: float = 1.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    time_scale: float = 1000.0  # network time input = t * time_scale
+
+
+@dataclass
+class DiffusionConfig:
+    """DiT's DDPM (objective ``ddpm``)."""
+
+    num_steps: int = 1000
+    schedule: str = "linear"
+
+
+@dataclass
+class SamplerConfig:
+    method: str = "heun"  # euler, heun, sde (flow models); ddpm (DiT)
+    steps: int = 50
+    cfg_scale: float = 1.0
+    cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    t_start: float = 1.0
+    t_end: float = 0.0
+    diffusion_scale: float = 1.0  # SDE: w(t) = diffusion_scale * sigma(t)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant, cosine, linear (decay after warm-up)
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 1000
+    batch_size: int = 64  # global batch, over all ranks and accumulation steps
+    grad_accum: int = 1
+    label_dropout: float = 0.1
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step))
+    ckpt_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end
+    sample_grid: int = 64
+    device: str = "auto"  # auto, cpu, cuda
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
+    max_nonfinite: int = 5  # consecutive skipped steps before the run stops
+    threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+    tensorboard: bool = True
+    progress: bool = True
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "transport": TransportConfig,
+    "diffusion": DiffusionConfig,
+    "sampler": SamplerConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: Any = None  # the selected objective's Options dataclass
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- validation
+
+def _closest(key: str, options, prefix: str = "") -> str:
+    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str):
+    """Check ``value`` against annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is dict and isinstance(value, dict):
+        return value
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+
+
+def build_section(cls: type, values: dict | None, prefix: str):
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{prefix}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}.{key}'{_closest(key, names, prefix + '.')}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}")
+    return cls(**kwargs)
+
+
+def set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. train.max_steps=40)")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def config_from_dict(tree: dict) -> Config:
+    from vrpo.objectives import objective_options
+
+    tree = dict(tree or {})
+    valid = [*SECTIONS, "objective"]
+    for key in tree:
+        if key not in valid:
+            raise ConfigError(f"unknown config section '{key}'{_closest(key, valid)}")
+    sections = {name: build_section(cls, tree.get(name), name) for name, cls in SECTIONS.items()}
+    objective = dict(tree.get("objective") or {"name": "sit"})
+    name = objective.pop("name", "sit")
+    options_cls = objective_options(name)
+    cfg = Config(**sections, objective=build_section(options_cls, {**objective, "name": name}, "objective"))
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    for text in overrides:
+        set_dotted(tree, *parse_override(text))
+    return config_from_dict(tree)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks: combinations that cannot work are refused before any compute."""
+    from vrpo.models import parse_arch
+
+    def need(condition: bool, message: str):
+        if not condition:
+            raise ConfigError(message)
+
+    try:
+        family, _, patch = parse_arch(cfg.model.arch)
+    except ValueError as err:
+        raise ConfigError(f"config key 'model.arch': {err}") from None
+    need(cfg.data.resolution % patch == 0, f"data.resolution {cfg.data.resolution} is not divisible by the patch size {patch} of {cfg.model.arch}")
+    t = cfg.train
+    need(t.max_steps >= 1, "train.max_steps must be >= 1")
+    need(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
+    need(t.batch_size % t.grad_accum == 0, f"train.batch_size {t.batch_size} is not divisible by train.grad_accum {t.grad_accum}")
+    need(t.ckpt_every >= 1, "train.ckpt_every must be >= 1")
+    need(t.keep_last >= 1, "train.keep_last must be >= 1")
+    need(0.0 <= t.label_dropout < 1.0, "train.label_dropout must be in [0, 1)")
+    need(0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
+    need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
+    need(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    o = cfg.optim
+    need(len(o.betas) == 2, "optim.betas needs two values")
+    need(o.schedule in ("constant", "cosine", "linear"), f"optim.schedule must be constant, cosine or linear, got {o.schedule!r}")
+    tr = cfg.transport
+    need(tr.interpolant in ("linear", "cosine"), f"transport.interpolant must be linear or cosine, got {tr.interpolant!r}")
+    need(tr.prediction in ("velocity", "noise", "score"), f"transport.prediction must be velocity, noise or score, got {tr.prediction!r}")
+    need(tr.timesteps in ("uniform", "logit_normal"), f"transport.timesteps must be uniform or logit_normal, got {tr.timesteps!r}")
+    need(0.0 <= tr.t_min < tr.t_max <= 1.0, "transport.t_min < transport.t_max must lie in [0, 1]")
+    s = cfg.sampler
+    need(s.method in ("euler", "heun", "sde", "ddpm"), f"sampler.method must be euler, heun, sde or ddpm, got {s.method!r}")
+    need(len(s.cfg_interval) == 2 and s.cfg_interval[0] <= s.cfg_interval[1], "sampler.cfg_interval must be [t_low, t_high] with t_low <= t_high")
+    need(not (cfg.data.unconditional and s.cfg_scale != 1.0), "sampler.cfg_scale != 1 needs labels, but data.unconditional is true")
+    if tr.prediction != "velocity":
+        need(s.t_start < 1.0, f"transport.prediction={tr.prediction} is undefined at t=1: set sampler.t_start below 1 (e.g. 0.999)")
+    is_ddpm = cfg.objective.name == "ddpm"
+    need(is_ddpm == (family == "DiT"), f"objective '{cfg.objective.name}' does not fit model.arch {cfg.model.arch}: DiT-* models train with objective ddpm, SiT-* with flow objectives")
+    need(is_ddpm == (s.method == "ddpm"), f"sampler.method={s.method} does not fit objective '{cfg.objective.name}': ddpm models sample with 'ddpm', flow models with euler, heun or sde")
+    cfg.objective.validate(cfg)

@@ -1,0 +1,92 @@
+"""Frozen representation encoders (alignment targets) and token-grid helpers.
+
+    enc = build_encoder("dinov2-vitb14", weights="/data/dinov2_vitb14_pretrain.pth")
+    out = enc(images_uint8)          # EncoderOutput(tokens [B,N,D], global_ [B,D], grid (h,w))
+
+See docs/encoders.md for preprocessing, grids and weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from .base import EncoderOutput, FrozenEncoder, MultiEncoder, state_dict_sha256
+from .dinov2 import DINOV2_PRESETS, DINOv2Config, DINOv2Encoder, DinoVisionTransformer, load_dinov2_weights
+from .efficientnet import EfficientNetLite0Encoder
+from .tokens import map_to_tokens, pool_tokens, resample_tokens, tokens_to_map
+
+__all__ = [
+    "ENCODER_NAMES",
+    "EncoderOutput",
+    "FrozenEncoder",
+    "MultiEncoder",
+    "EfficientNetLite0Encoder",
+    "DINOv2Encoder",
+    "DINOv2Config",
+    "DinoVisionTransformer",
+    "load_dinov2_weights",
+    "build_encoder",
+    "build_encoders",
+    "available_encoders",
+    "resample_tokens",
+    "pool_tokens",
+    "tokens_to_map",
+    "map_to_tokens",
+    "state_dict_sha256",
+]
+
+ENCODER_NAMES: tuple[str, ...] = ("efficientnet-lite0", *DINOV2_PRESETS)
+_OPTIONS = {
+    "efficientnet": ("input_size", "stage", "channels_last"),
+    "dinov2": ("weights", "resolution", "input_size"),
+}
+# REPA's --enc-type spellings, so its configs can be reused as they are.
+_ALIASES = {f"dinov2-vit-{s}": f"dinov2-vit{s}14" for s in "sblg"}
+
+
+def available_encoders() -> list[str]:
+    return list(ENCODER_NAMES)
+
+
+def _canonical(name: str) -> str:
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    # Accept hub spellings too (dinov2_vitb14_reg).
+    for valid in ENCODER_NAMES:
+        if valid.replace("_", "-") == key.replace("_", "-"):
+            return valid
+    raise ValueError(f"unknown encoder {name!r}; valid names: {', '.join(ENCODER_NAMES)}")
+
+
+def build_encoder(spec: str | Mapping[str, Any], **opts: Any) -> FrozenEncoder:
+    """Build one frozen encoder from a name or ``{"name": ..., **options}``.
+
+    Options (keyword arguments override those in a dict spec):
+      efficientnet-lite0: input_size=256, stage="last"|"stride16", channels_last=True
+      dinov2-*:           weights=None (local path, or None for torch.hub),
+                          resolution=256, input_size=None
+    """
+    if isinstance(spec, Mapping):
+        opts = {**{k: v for k, v in spec.items() if k != "name"}, **opts}
+        if "name" not in spec:
+            raise ValueError(f"encoder spec needs a 'name'; got keys {sorted(spec)}")
+        spec = spec["name"]
+    if not isinstance(spec, str):
+        raise TypeError(f"encoder spec must be a name or a dict, got {type(spec).__name__}")
+    name = _canonical(spec)
+    family = "efficientnet" if name.startswith("efficientnet") else "dinov2"
+    bad = sorted(set(opts) - set(_OPTIONS[family]))
+    if bad:
+        raise TypeError(f"{name}: unknown option(s) {', '.join(bad)}; accepted: {', '.join(_OPTIONS[family])}")
+    if family == "efficientnet":
+        return EfficientNetLite0Encoder(**opts)
+    return DINOv2Encoder(name, **opts)
+
+
+def build_encoders(specs: str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]]) -> MultiEncoder:
+    """Build several encoders: a comma-separated string, one spec, or a list of specs."""
+    if isinstance(specs, str):
+        specs = [s for s in (part.strip() for part in specs.split(",")) if s]
+    elif isinstance(specs, Mapping):
+        specs = [specs]
+    return MultiEncoder([build_encoder(s) for s in specs])

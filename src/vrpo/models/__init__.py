@@ -1,0 +1,13 @@
+"""Networks: the SiT/DiT transformer and the projector heads that alignment methods train."""
+
+from vrpo.models.transformer import (
+    SIZES,
+    DiffusionTransformer,
+    ModelOutput,
+    build_model,
+    model_names,
+    parse_arch,
+)
+from vrpo.models.heads import Projector
+
+__all__ = ["SIZES", "DiffusionTransformer", "ModelOutput", "Projector", "build_model", "model_names", "parse_arch"]

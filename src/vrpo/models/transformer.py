@@ -1,0 +1,295 @@
+"""SiT/DiT: a class-conditional diffusion transformer with adaLN-Zero blocks.
+
+One network serves both families: SiT predicts a velocity (or noise/score) with
+``learn_sigma=False``; DiT predicts noise and a variance interpolation with
+``learn_sigma=True`` (2x output channels). Alignment methods read block outputs through
+``forward(..., hidden_layers=...)``, which returns them in a ``ModelOutput``; blocks are
+numbered 1..depth as in the REPA paper (``encoder_depth=d`` aligns the output of block d).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding, [grid_h * grid_w, dim] (float32)."""
+    if dim % 4:
+        raise ValueError(f"position embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
+    parts = []
+    for coord in (xs.reshape(-1), ys.reshape(-1)):  # half the channels per axis
+        angles = coord[:, None] * omega[None]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of a scalar time, then a 2-layer MLP."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.freq_dim, self.max_period = freq_dim, max_period
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def frequencies(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([args.cos(), args.sin()], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.frequencies(t).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with one extra row, the null class used for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, hidden)
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.table(labels)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qk_norm: bool = False):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        head_dim = dim // heads
+        self.q_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Transformer block whose norms are modulated by the conditioning (adaLN-Zero)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads, qk_norm)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond).chunk(6, dim=-1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, patch: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch * patch * out_channels)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.ada(cond).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+@dataclass
+class ModelOutput:
+    """Prediction (None when the pass stopped early) and the requested block outputs [B, N, D]."""
+
+    prediction: torch.Tensor | None
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class DiffusionTransformer(nn.Module):
+    def __init__(
+        self,
+        input_size: int = 32,
+        in_channels: int = 1,
+        patch_size: int = 2,
+        hidden_size: int = 192,
+        depth: int = 6,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 10,
+        learn_sigma: bool = False,
+        qk_norm: bool = False,
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input size {input_size} is not divisible by patch size {patch_size}")
+        self.input_size, self.in_channels, self.patch_size = input_size, in_channels, patch_size
+        self.hidden_size, self.depth, self.num_classes = hidden_size, depth, num_classes
+        self.learn_sigma = learn_sigma
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.grid = input_size // patch_size
+
+        self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid, self.grid)[None], persistent=False)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        # num_classes == 0: unconditional; the table then only holds the null class.
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.blocks = nn.ModuleList([Block(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.reset_parameters()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def null_class(self) -> int:
+        return self.y_embedder.null_class
+
+    def reset_parameters(self) -> None:
+        """DiT's initialisation: Xavier linears, zeroed modulation and output (adaLN-Zero)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.ada[-1].weight)
+            nn.init.zeros_(block.ada[-1].bias)
+        for layer in (self.final_layer.ada[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, p, c, g = tokens.shape[0], self.patch_size, self.out_channels, self.grid
+        x = tokens.view(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, g * p, g * p)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens after patch and position embedding, and the conditioning vector."""
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"model expects {self.in_channels} x {self.input_size} x {self.input_size} inputs, got {tuple(x.shape[1:])}"
+            )
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        if y is None:
+            y = torch.full((x.shape[0],), self.null_class, device=x.device, dtype=torch.long)
+        return tokens, self.t_embedder(t) + self.y_embedder(y)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        hidden_layers: Iterable[int] = (),
+        stop_after: int | None = None,
+    ) -> ModelOutput:
+        """Predict for noisy inputs ``x`` at times ``t`` (model units) and labels ``y``.
+
+        ``hidden_layers``: 1-based block indices whose outputs are returned.
+        ``stop_after``: run only blocks 1..stop_after and return no prediction (a cheap
+        partial pass, e.g. VRPO's stability reward).
+        """
+        wanted = set(hidden_layers)
+        if any(not 1 <= i <= self.depth for i in wanted):
+            raise ValueError(f"hidden layers {sorted(wanted)} outside blocks 1..{self.depth}")
+        last = self.depth if stop_after is None else stop_after
+        tokens, cond = self.embed(x, t, y)
+        hidden: dict[int, torch.Tensor] = {}
+        for index, block in enumerate(self.blocks[:last], start=1):
+            tokens = block(tokens, cond)
+            if index in wanted:
+                hidden[index] = tokens
+        if stop_after is not None:
+            return ModelOutput(None, hidden)
+        return ModelOutput(self.unpatchify(self.final_layer(tokens, cond)), hidden)
+
+    def forward_with_cfg(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale: float, guide: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Classifier-free guidance on every prediction channel (learned-sigma channels stay conditional).
+
+        ``guide`` (bool per sample) limits guidance to samples inside a guidance interval.
+        """
+        if scale == 1.0:
+            return self.forward(x, t, y).prediction
+        null = torch.full_like(y, self.null_class)
+        both = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).prediction
+        cond, uncond = both.chunk(2)
+        c = self.in_channels
+        guided = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
+        if guide is not None:
+            guided = torch.where(guide.view(-1, 1, 1, 1), guided, cond[:, :c])
+        return torch.cat([guided, cond[:, c:]], dim=1)
+
+
+# width, depth, heads
+SIZES = {
+    "T": (192, 6, 3),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+PATCHES = (1, 2, 4, 8)
+
+
+def model_names() -> list[str]:
+    return [f"{family}-{size}/{p}" for family in ("SiT", "DiT") for size in SIZES for p in PATCHES]
+
+
+def parse_arch(name: str) -> tuple[str, str, int]:
+    """'SiT-T/2' -> ('SiT', 'T', 2); a clear error for anything else."""
+    try:
+        family, rest = name.split("-", 1)
+        size, patch = rest.split("/")
+        if family in ("SiT", "DiT") and size in SIZES and int(patch) in PATCHES:
+            return family, size, int(patch)
+    except ValueError:
+        pass
+    raise ValueError(f"unknown architecture {name!r}: expected FAMILY-SIZE/PATCH, e.g. SiT-T/2 (sizes {', '.join(SIZES)}; patches {PATCHES})")
+
+
+def build_model(arch: str, input_size: int, in_channels: int, num_classes: int, **overrides) -> DiffusionTransformer:
+    family, size, patch = parse_arch(arch)
+    width, depth, heads = SIZES[size]
+    kwargs = dict(hidden_size=width, depth=depth, num_heads=heads, learn_sigma=family == "DiT")
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    return DiffusionTransformer(input_size=input_size, in_channels=in_channels, patch_size=patch, num_classes=num_classes, **kwargs)

@@ -1,0 +1,43 @@
+"""Training methods behind one interface (``Objective``); a method is one module plus its config.
+
+To add one: subclass ``Objective`` (or ``SiT`` for flow-based methods) in a new module, give
+it an ``Options`` dataclass, and list it in ``_MODULES`` below.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from vrpo.objectives.base import Batch, LossOutput, Objective, ObjectiveOptions
+
+_MODULES = {
+    "sit": ("vrpo.objectives.sit", "SiT"),
+    "ddpm": ("vrpo.objectives.ddpm", "DDPM"),
+}
+
+
+def objective_class(name: str) -> type[Objective]:
+    if name not in _MODULES:
+        match = difflib.get_close_matches(name, list(_MODULES), n=1)
+        hint = f" (did you mean '{match[0]}'?)" if match else ""
+        from vrpo.config import ConfigError
+
+        raise ConfigError(f"unknown objective '{name}'{hint}; available: {', '.join(_MODULES)}")
+    module, cls = _MODULES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def objective_options(name: str) -> type[ObjectiveOptions]:
+    return objective_class(name).Options
+
+
+def build_objective(cfg, model) -> Objective:
+    return objective_class(cfg.objective.name)(cfg.objective, cfg, model)
+
+
+def available_objectives() -> list[str]:
+    return list(_MODULES)
+
+
+__all__ = ["Batch", "LossOutput", "Objective", "ObjectiveOptions", "available_objectives", "build_objective", "objective_class", "objective_options"]

@@ -1,0 +1,228 @@
+"""Checkpoints without pickle: tensors in safetensors files, everything else in JSON.
+
+Layout: ``RUN/checkpoints/step_00000040/`` with ``model``, ``ema``, ``objective``,
+``optimizer`` and ``rng`` safetensors files and ``state.json`` (step, optimizer scalars,
+Python/NumPy RNG states, counters, data position, and the SHA-256 of every file).
+
+A checkpoint is written to a temporary folder, each file fsynced, then renamed into place
+in one atomic step; a reader therefore sees a whole checkpoint or none. On load every
+file is checked against its recorded hash, and a damaged checkpoint is reported and
+skipped in favour of the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "state.json"
+TENSOR_FILES = ("model", "ema", "objective", "optimizer", "rng")
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dirs(run_dir: Path) -> list[Path]:
+    """Complete-looking checkpoint folders, newest first (temporary folders are ignored)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+# ---------------------------------------------------------------- optimizer and RNG as tensors + JSON
+
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---------------------------------------------------------------- save / load
+
+@dataclass
+class Checkpoint:
+    step: int
+    path: Path
+    tensors: dict[str, dict[str, torch.Tensor]]
+    meta: dict
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    objective: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict,
+    keep_last: int,
+) -> Path:
+    """Write the checkpoint of ``step`` atomically and keep the newest ``keep_last``."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+    opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
+    rng_tensors, rng_meta = capture_rng()
+    groups = {
+        "model": _cpu_state(model),
+        "ema": _cpu_state(ema),
+        "objective": _cpu_state(objective),
+        "optimizer": opt_tensors,
+        "rng": rng_tensors,
+    }
+    hashes = {}
+    for name, tensors in groups.items():
+        path = tmp / f"{name}.safetensors"
+        save_file(tensors, str(path))
+        _fsync(path)
+        hashes[name] = _sha256(path)
+    state = {"format": FORMAT_VERSION, "step": step, "optimizer": opt_meta, "rng": rng_meta, "sha256": hashes, **meta}
+    state_path = tmp / STATE_FILE
+    state_path.write_text(json.dumps(state))
+    _fsync(state_path)
+    if final.exists():  # re-saving a step after a resume: replace the old folder
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(root)
+    for old in step_dirs(run_dir)[keep_last:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read and verify one checkpoint folder; raises CheckpointError naming what is wrong."""
+    state_path = path / STATE_FILE
+    try:
+        meta = json.loads(state_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{state_path} is missing or unreadable ({err.__class__.__name__})") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {meta.get('format')}, expected {FORMAT_VERSION}")
+    tensors = {}
+    for name in TENSOR_FILES:
+        file = path / f"{name}.safetensors"
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if _sha256(file) != meta["sha256"].get(name):
+            raise CheckpointError(f"{file} is truncated or corrupt (SHA-256 mismatch)")
+        tensors[name] = load_file(str(file))
+    return Checkpoint(int(meta["step"]), path, tensors, meta)
+
+
+def latest_checkpoint(run_dir: Path, log=print, quarantine: bool = False) -> Checkpoint | None:
+    """The newest checkpoint that verifies; damaged ones are reported and skipped.
+
+    ``quarantine`` renames a damaged folder to ``damaged_step_*`` (kept for inspection) so
+    that later saves and pruning never count it as a good checkpoint.
+    """
+    candidates = step_dirs(run_dir)
+    problems = []
+    for path in candidates:
+        try:
+            ckpt = read_checkpoint(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            log(f"warning: skipping damaged checkpoint {path.name}: {err}")
+            if quarantine:
+                os.rename(path, path.with_name(f"damaged_{path.name}"))
+            continue
+        return ckpt
+    if candidates:
+        raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(run_dir)}: " + "; ".join(problems))
+    return None
+
+
+def load_weights(run_dir: Path, which: str = "ema") -> tuple[dict[str, torch.Tensor], int]:
+    """Only the weights (``ema`` or ``model``) of the newest good checkpoint, for sampling."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint yet (looked in {checkpoint_dir(run_dir)})")
+    return ckpt.tensors[which], ckpt.step
+
+
+def clean_temporaries(run_dir: Path) -> None:
+    """Remove folders left by a save that was killed before its rename."""
+    root = checkpoint_dir(run_dir)
+    if root.is_dir():
+        for p in root.glob(".tmp_step_*"):
+            shutil.rmtree(p, ignore_errors=True)

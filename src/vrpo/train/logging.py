@@ -1,0 +1,70 @@
+"""Run logs: JSON lines (the record of truth), TensorBoard scalars, and a loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def read_log(path: Path) -> list[dict]:
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill mid-write
+    return records
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "log.jsonl"
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
+            except ImportError:
+                print("warning: tensorboard is not installed; logging to log.jsonl only (pip install tensorboard)")
+
+    def log(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        line = {"step": step, "time": time.time(), **{k: float(v) for k, v in record.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                self.writer.add_scalar(f"train/{k}", float(v), step)
+
+    def plot_loss(self, out: Path) -> Path | None:
+        records = read_log(self.path)
+        if not records:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [r["step"] for r in records]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(steps, [r["loss"] for r in records], label="loss")
+        if "loss_denoise" in records[0]:
+            ax.plot(steps, [r["loss_denoise"] for r in records], label="denoising", alpha=0.7)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,282 @@
+"""The one training loop every method runs through.
+
+Randomness is keyed on (seed, step, micro-batch, rank) and the data order on (seed, step),
+so a run resumed from a checkpoint repeats exactly the steps it would have taken, and two
+methods trained with the same seed see the same initial weights, images, timesteps and
+noise. The global batch is ``train.batch_size``, split over ranks and accumulation steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import torch
+import yaml
+
+from vrpo.config import Config, ConfigError, config_from_dict, save_config
+from vrpo.data import ImageSet, batch_indices, data_position, load_dataset, step_generator
+from vrpo.models import DiffusionTransformer, build_model
+from vrpo.objectives import Batch, build_objective
+from vrpo.train.checkpoint import clean_temporaries, latest_checkpoint, restore_rng, save_checkpoint, unflatten_optimizer
+from vrpo.train.ema import ema_decay, make_ema, update_ema
+from vrpo.train.logging import RunLogger
+from vrpo.utils.dist import any_rank, barrier, init_distributed
+from vrpo.utils.images import save_grid, to_model_space, to_uint8
+
+# Keys that may change when a run is resumed (with every sampler.* key): they do not affect the weights.
+RESUMABLE_CHANGES = {
+    "train.max_steps", "train.ckpt_every", "train.keep_last", "train.log_every", "train.sample_every",
+    "train.sample_grid", "train.progress", "train.tensorboard", "train.threads", "train.max_nonfinite",
+}
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    skipped_steps: int
+    last_loss: float
+    samples: Path | None
+    loss_curve: Path | None
+
+
+def lr_at(step: int, cfg) -> float:
+    o, total = cfg.optim, cfg.train.max_steps
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * shape)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
+    """Save the resolved config, or check it against the saved one; True when resuming."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, path)
+        return False
+    saved = _flat(config_from_dict(yaml.safe_load(path.read_text())).to_dict())
+    now = _flat(cfg.to_dict())
+    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES and not k.startswith("sampler.")]
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        raise ConfigError(f"{run_dir} was started with another config ({detail}); resume with the same config or use a new --out")
+    save_config(cfg, path)  # record the allowed changes (e.g. a longer max_steps)
+    return True
+
+
+class TrainStep(torch.nn.Module):
+    """Network and objective under one module, so DDP synchronises the heads' gradients too."""
+
+    def __init__(self, model: DiffusionTransformer, objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: Batch, generator: torch.Generator):
+        out = self.objective.loss(self.model, batch, generator)
+        return out.loss, out.logs
+
+
+def make_batch(data: ImageSet, index: torch.Tensor, device: torch.device, conditional: bool) -> Batch:
+    images = data.images[index]
+    labels = data.labels[index].to(device) if conditional else None
+    if data.is_latent:
+        return Batch(images.to(device, torch.float32), labels, None, index)
+    images = images.to(device)
+    return Batch(to_model_space(images), labels, images, index)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        t = cfg.train
+        self.rank, self.world, self.device = init_distributed(t.device)
+        if t.batch_size % (self.world * t.grad_accum):
+            raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by world size {self.world} x train.grad_accum {t.grad_accum}")
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.main = self.rank == 0
+        self.resuming = prepare_run_dir(cfg, self.run_dir) if self.main else True
+        barrier()
+        self.data = load_dataset(cfg.data)
+        self.conditional = not cfg.data.unconditional
+        num_classes = self.data.num_classes if self.conditional else 0
+
+        # Seeded separately so that every method with this seed starts from the same network.
+        torch.manual_seed(t.seed)
+        self.model = build_model(
+            cfg.model.arch, self.data.resolution, self.data.channels, num_classes,
+            mlp_ratio=cfg.model.mlp_ratio, qk_norm=cfg.model.qk_norm,
+        ).to(self.device)
+        torch.manual_seed(t.seed + 1)
+        self.objective = build_objective(cfg, self.model).to(self.device)
+        self.ema = make_ema(self.model)
+        self.params = [p for p in chain(self.model.parameters(), self.objective.parameters()) if p.requires_grad]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.step, self.skipped, self.consecutive_bad = 0, 0, 0
+        self._restore()
+        self.train_step = TrainStep(self.model, self.objective)
+        if self.world > 1:
+            self.train_step = torch.nn.parallel.DistributedDataParallel(
+                self.train_step, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        self.logger = RunLogger(self.run_dir, enabled=self.main, tensorboard=t.tensorboard)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _restore(self) -> None:
+        clean_temporaries(self.run_dir)
+        ckpt = latest_checkpoint(self.run_dir, quarantine=self.main)
+        if ckpt is None:
+            return
+        self.model.load_state_dict(ckpt.tensors["model"])
+        self.ema.load_state_dict(ckpt.tensors["ema"])
+        self.objective.load_state_dict(ckpt.tensors["objective"])
+        self.optimizer.load_state_dict(unflatten_optimizer(ckpt.tensors["optimizer"], ckpt.meta["optimizer"]))
+        restore_rng(ckpt.tensors["rng"], ckpt.meta["rng"])
+        self.step = ckpt.step
+        self.skipped = ckpt.meta["skipped_steps"]
+        self.consecutive_bad = ckpt.meta["consecutive_nonfinite"]
+        if self.main:
+            print(f"resuming {self.run_dir} from step {self.step} ({ckpt.path.name})")
+
+    def save(self) -> None:
+        if self.main:
+            meta = {
+                "skipped_steps": self.skipped,
+                "consecutive_nonfinite": self.consecutive_bad,
+                "data": data_position(self.step, self.cfg.train.batch_size, len(self.data)),
+                "data_fingerprint": self.data.fingerprint,
+                "saved_at": time.time(),
+            }
+            save_checkpoint(self.run_dir, self.step, self.model, self.ema, self.objective, self.optimizer, meta, self.cfg.train.keep_last)
+        barrier()
+
+    # ------------------------------------------------------------ one step
+
+    def _micro_batches(self, step: int) -> list[torch.Tensor]:
+        t = self.cfg.train
+        index = batch_indices(step, t.batch_size, len(self.data), t.seed)
+        per_rank = index.view(self.world, -1)[self.rank]
+        return list(per_rank.view(t.grad_accum, -1))
+
+    def train_one_step(self) -> dict:
+        t, step = self.cfg.train, self.step
+        lr = lr_at(step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = self._micro_batches(step)
+        logs: dict[str, float] = {}
+        loss_total = torch.zeros((), device=self.device)
+        for m, index in enumerate(micro):
+            batch = make_batch(self.data, index, self.device, self.conditional)
+            sync = contextlib.nullcontext() if (self.world == 1 or m == len(micro) - 1) else self.train_step.no_sync()
+            with sync:
+                with self.autocast():
+                    loss, step_logs = self.train_step(batch, step_generator(t.seed, step, m, self.rank))
+                (loss / len(micro)).backward()
+            loss_total += loss.detach().float() / len(micro)
+            for k, v in step_logs.items():
+                logs[k] = logs.get(k, 0.0) + float(v) / len(micro)
+        clip = t_clip if (t_clip := self.cfg.optim.grad_clip) > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))
+        if any_rank(not finite, self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            self.consecutive_bad += 1
+            self.objective.end_of_step(step, applied=False)
+        else:
+            self.optimizer.step()
+            update_ema(self.ema, self.model, ema_decay(step, t.ema_decay, t.ema_warmup))
+            self.consecutive_bad = 0
+            self.objective.end_of_step(step, applied=True)
+        self.step += 1
+        return {"loss": float(loss_total), "grad_norm": float(grad_norm), "lr": lr, **logs}
+
+    # ------------------------------------------------------------ samples
+
+    @torch.no_grad()
+    def sample_grid(self) -> Path | None:
+        from vrpo.transport import generate
+
+        if not self.main:
+            return None
+        t, d = self.cfg.train, self.data
+        gen = torch.Generator().manual_seed(t.seed + 0x5EED)  # the same noise at every step
+        noise = torch.randn((t.sample_grid, d.channels, d.resolution, d.resolution), generator=gen).to(self.device)
+        labels = (torch.arange(t.sample_grid) % d.num_classes).to(self.device) if self.conditional else None
+        with self.autocast():
+            x = generate(self.ema, self.cfg, labels, noise, gen)
+        if d.is_latent:
+            return None  # latents need a decoder to become pictures
+        return save_grid(to_uint8(x), self.run_dir / "samples" / f"step_{self.step:08d}.png", nrow=d.num_classes if self.conditional and t.sample_grid % d.num_classes == 0 else None)
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainResult:
+        t = self.cfg.train
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (self.main and t.progress), dynamic_ncols=True, desc="train")
+        window: dict[str, float] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        last = {"loss": float("nan")}
+        while self.step < t.max_steps:
+            last = self.train_one_step()
+            if self.consecutive_bad >= t.max_nonfinite:
+                good = latest_checkpoint(self.run_dir)
+                where = good.path if good else "none (no checkpoint was written yet)"
+                raise TrainingDiverged(
+                    f"training stopped at step {self.step}: {self.consecutive_bad} consecutive steps with a non-finite "
+                    f"loss or gradient (loss={last['loss']}, grad_norm={last['grad_norm']}); last good checkpoint: {where}"
+                )
+            for k, v in last.items():
+                window[k] = window.get(k, 0.0) + v
+            window_steps += 1
+            bar.update(1)
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                elapsed = time.perf_counter() - window_start
+                record = {k: v / window_steps for k, v in window.items()}
+                record.update(images_per_s=window_steps * t.batch_size / elapsed, skipped_steps=self.skipped)
+                self.logger.log(self.step, record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", refresh=False)
+                window, window_steps, window_start = {}, 0, time.perf_counter()
+            if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
+                self.save()
+            if t.sample_every and self.step % t.sample_every == 0 and self.step != t.max_steps:
+                self.sample_grid()
+        bar.close()
+        samples = self.sample_grid()
+        curve = self.logger.plot_loss(self.run_dir / "loss_curve.png") if self.main else None
+        self.logger.close()
+        return TrainResult(self.run_dir, self.step, self.skipped, last["loss"], samples, curve)
+
+
+def train(cfg: Config, run_dir: str | Path) -> TrainResult:
+    return Trainer(cfg, run_dir).fit()
