@@ -166,6 +166,11 @@ def _coerce(value, tp, key: str):
         return [_coerce(v, item, key) for v in value]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads '1e-4' (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp is dict and isinstance(value, dict):
         return value
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):

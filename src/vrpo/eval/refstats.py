@@ -48,7 +48,7 @@ def dataset_fingerprint(
         raise TypeError(f"images must be uint8, got {images.dtype}")
     digest = hashlib.sha256()
     digest.update(json.dumps(list(images.shape)).encode())
-    digest.update(images.tobytes())
+    digest.update(images.reshape(-1))  # a view of the contiguous bytes, no copy
     if extractor_info is None:
         from vrpo.eval.inception import feature_extractor_info
 
@@ -91,6 +91,7 @@ def load_reference_stats(path: PathLike, expected_fingerprint: Mapping[str, Any]
         differing = _differing_keys(stored, expected)
         if differing:
             raise ValueError(
-                f"reference stats {path} are stale or foreign: fingerprint differs on {', '.join(differing)}; recompute them"
+                f"reference stats {path} are stale or foreign: "
+                f"fingerprint differs on {', '.join(differing)}; recompute them"
             )
         return {name: archive[name] for name in archive.files if name != FINGERPRINT_KEY}

@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+
+# Two cores: keep every test single-threaded so parallel helpers and CI stay predictable.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+TINY = [
+    "data.name=digits",
+    "data.limit=200",
+    "model.arch=SiT-T/8",
+    "train.batch_size=16",
+    "train.threads=1",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.sample_grid=10",
+    "sampler.steps=2",
+    "optim.lr=1e-3",
+]
+
+
+@pytest.fixture
+def tiny_overrides():
+    return list(TINY)

@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+
+from vrpo.transport import CosineInterpolant, LinearInterpolant, sample_timesteps
+from vrpo.transport.samplers import GuidedPrediction, euler_maruyama_sde, euler_ode, heun_ode, sample_flow, time_grid
+
+
+@pytest.mark.parametrize("interp", [LinearInterpolant(), CosineInterpolant()])
+def test_interpolant_closed_forms(interp):
+    x0, eps = torch.randn(5, 3), torch.randn(5, 3)
+    t = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])
+    if isinstance(interp, LinearInterpolant):
+        a, s, v = 1 - t, t, eps - x0
+    else:
+        a, s = torch.cos(math.pi * t / 2), torch.sin(math.pi * t / 2)
+        v = -math.pi / 2 * torch.sin(math.pi * t / 2)[:, None] * x0 + math.pi / 2 * torch.cos(math.pi * t / 2)[:, None] * eps
+    torch.testing.assert_close(interp.sample(x0, eps, t), a[:, None] * x0 + s[:, None] * eps)
+    torch.testing.assert_close(interp.target("velocity", x0, eps, t), v)
+    torch.testing.assert_close(interp.target("noise", x0, eps, t), eps)
+    # the velocity is the time derivative of the path
+    h = 1e-3
+    mid = torch.full((5,), 0.4, dtype=torch.float64)
+    x0d, epsd = x0.double(), eps.double()
+    fd = (interp.sample(x0d, epsd, mid + h) - interp.sample(x0d, epsd, mid - h)) / (2 * h)
+    torch.testing.assert_close(fd, interp.velocity(x0d, epsd, mid), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("interp", [LinearInterpolant(), CosineInterpolant()])
+@pytest.mark.parametrize("prediction", ["noise", "score"])
+def test_every_prediction_converts_to_the_true_velocity(interp, prediction):
+    x0, eps = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
+    x_t = interp.sample(x0, eps, t)
+    target = interp.target(prediction, x0, eps, t)
+    torch.testing.assert_close(interp.to_velocity(prediction, target, x_t, t), interp.velocity(x0, eps, t))
+    torch.testing.assert_close(interp.velocity_to_noise(interp.velocity(x0, eps, t), x_t, t), eps)
+
+
+def test_timestep_sampling_ranges():
+    g = torch.Generator().manual_seed(0)
+    u = sample_timesteps(10000, g, "uniform", 0.1, 0.9)
+    assert 0.1 <= u.min() and u.max() <= 0.9 and abs(u.mean() - 0.5) < 0.01
+    ln = sample_timesteps(10000, g, "logit_normal", mean=0.0, std=1.0)
+    assert 0 < ln.min() and ln.max() < 1 and abs(ln.median() - 0.5) < 0.02
+    with pytest.raises(ValueError):
+        sample_timesteps(3, g, "beta")
+
+
+def _linear_field_error(method, steps):
+    # dx/dt = -x has x(0) = x(1) * e when integrating from t = 1 to t = 0.
+    x1 = torch.ones(1, dtype=torch.float64)
+    out = method(lambda x, t: -x, x1, time_grid(steps))
+    return abs(out.item() - math.e)
+
+
+def test_euler_first_order_heun_second_order():
+    euler = [_linear_field_error(euler_ode, n) for n in (20, 40)]
+    heun = [_linear_field_error(heun_ode, n) for n in (20, 40)]
+    assert 1.8 < euler[0] / euler[1] < 2.2
+    assert 3.6 < heun[0] / heun[1] < 4.4
+    assert heun[1] < euler[1] / 50
+
+
+class GaussianVelocity:
+    """Exact velocity of the linear interpolant for data N(0, s0^2), wrapped like a network."""
+
+    def __init__(self, s0):
+        self.s0 = s0
+
+    def __call__(self, x, t, labels=None):
+        from vrpo.models import ModelOutput
+
+        t = (t / 1000.0).view(-1, 1).double()
+        var = (1 - t) ** 2 * self.s0**2 + t**2
+        return ModelOutput((t - (1 - t) * self.s0**2) / var * x.double())
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "sde"])
+def test_samplers_reach_the_data_distribution(method):
+    s0 = 0.5
+    guided = GuidedPrediction(GaussianVelocity(s0), None, LinearInterpolant())
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(20000, 1, generator=gen, dtype=torch.float64)
+    out = sample_flow(guided, noise, method, steps=100, generator=gen)
+    assert abs(out.std().item() - s0) < 0.02
+
+
+def test_sde_is_deterministic_for_a_seed_and_ends_with_a_mean_step():
+    interp = LinearInterpolant()
+    v = lambda x, t: -x
+    run = lambda seed: euler_maruyama_sde(v, interp.score, interp.sigma, torch.zeros(4, 2), time_grid(3), torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(run(1), run(1), rtol=0, atol=0)
+    assert not torch.allclose(run(1), run(2))
+    # one step: the mean step alone, no noise at all
+    one = euler_maruyama_sde(v, interp.score, interp.sigma, torch.zeros(4, 2), time_grid(1), torch.Generator().manual_seed(0))
+    assert torch.count_nonzero(one) == 0
