@@ -32,6 +32,31 @@ def _sample(args) -> int:
     return 0
 
 
+def _cache_features(args) -> int:
+    import time
+
+    from vrpo.config import ConfigError, load_config
+    from vrpo.data import load_dataset
+    from vrpo.encoders.cache import build_cache, cache_slug
+    from vrpo.objectives.alignment import AlignmentOptions, build_alignment_encoders
+
+    cfg = load_config(args.config, args.set)
+    options = cfg.objective
+    if not isinstance(options, AlignmentOptions):
+        raise ConfigError(f"objective '{options.name}' uses no encoder: cache-features needs an alignment method (repa, vrpo)")
+    if not options.feature_cache:
+        raise ConfigError("objective.feature_cache is not set: name the folder for the cache (--set objective.feature_cache=DIR)")
+    data = load_dataset(cfg.data)
+    for encoder in build_alignment_encoders(options, cfg.data.resolution):
+        folder = Path(options.feature_cache) / cache_slug(encoder)
+        start = time.perf_counter()
+        build_cache(folder, encoder, data, dtype=args.dtype, shard_size=args.shard_size, batch_size=args.batch_size)
+        size = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
+        print(f"{encoder.name}: {len(data)} images, grid {encoder.grid_for((cfg.data.resolution,) * 2)}, "
+              f"{size:.1f} MiB in {folder} ({time.perf_counter() - start:.0f} s this call)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vrpo", description="Diffusion transformers with representation alignment.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_sample)
+    p = sub.add_parser("cache-features", help="encode the dataset once with the config's frozen encoders")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.set_defaults(func=_cache_features)
     return parser
 
 
@@ -60,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     from vrpo.config import ConfigError
     from vrpo.data import DataError
     from vrpo.train import TrainingDiverged
+    from vrpo.encoders.cache import CacheMismatch
     from vrpo.train.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError) as err:
+    except (ConfigError, DataError, CheckpointError, CacheMismatch, TrainingDiverged, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

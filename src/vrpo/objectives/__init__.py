@@ -14,6 +14,7 @@ from vrpo.objectives.base import Batch, LossOutput, Objective, ObjectiveOptions
 _MODULES = {
     "sit": ("vrpo.objectives.sit", "SiT"),
     "ddpm": ("vrpo.objectives.ddpm", "DDPM"),
+    "repa": ("vrpo.objectives.repa", "REPA"),
 }
 
 
@@ -32,8 +33,9 @@ def objective_options(name: str) -> type[ObjectiveOptions]:
     return objective_class(name).Options
 
 
-def build_objective(cfg, model) -> Objective:
-    return objective_class(cfg.objective.name)(cfg.objective, cfg, model)
+def build_objective(cfg, model, data=None) -> Objective:
+    """The configured objective; ``data`` lets methods with a feature cache verify it."""
+    return objective_class(cfg.objective.name)(cfg.objective, cfg, model, data)
 
 
 def available_objectives() -> list[str]:

@@ -42,7 +42,7 @@ class Objective(nn.Module):
     name: ClassVar[str]
     Options: ClassVar[type[ObjectiveOptions]] = ObjectiveOptions
 
-    def __init__(self, options: ObjectiveOptions, cfg, model: nn.Module):
+    def __init__(self, options: ObjectiveOptions, cfg, model: nn.Module, data=None):
         super().__init__()
         self.options = options
 

@@ -25,8 +25,8 @@ class DDPM(Objective):
     name = "ddpm"
     Options = DDPMOptions
 
-    def __init__(self, options, cfg, model):
-        super().__init__(options, cfg, model)
+    def __init__(self, options, cfg, model, data=None):
+        super().__init__(options, cfg, model, data)
         self.diffusion = create_ddpm(num_steps=cfg.diffusion.num_steps)
         self.label_dropout = cfg.train.label_dropout
         self.null_class = model.null_class

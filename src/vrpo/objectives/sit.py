@@ -32,8 +32,8 @@ class SiT(Objective):
     name = "sit"
     Options = SiTOptions
 
-    def __init__(self, options, cfg, model):
-        super().__init__(options, cfg, model)
+    def __init__(self, options, cfg, model, data=None):
+        super().__init__(options, cfg, model, data)
         self.transport = cfg.transport
         self.interpolant = build_interpolant(cfg.transport.interpolant)
         self.label_dropout = cfg.train.label_dropout

@@ -130,7 +130,7 @@ class Trainer:
             mlp_ratio=cfg.model.mlp_ratio, qk_norm=cfg.model.qk_norm,
         ).to(self.device)
         torch.manual_seed(t.seed + 1)
-        self.objective = build_objective(cfg, self.model).to(self.device)
+        self.objective = build_objective(cfg, self.model, self.data).to(self.device)
         self.ema = make_ema(self.model)
         self.params = [p for p in chain(self.model.parameters(), self.objective.parameters()) if p.requires_grad]
         o = cfg.optim

@@ -1,0 +1,118 @@
+"""A feature cache: an encoder's tokens and global vectors for a whole dataset, computed once.
+
+Layout of one cache folder (one per encoder setting):
+    manifest.json              encoder identity (name, weights hash, preprocessing, grid),
+                               dataset fingerprint, dtype, shard size, number of images
+    shard_00000.safetensors    tokens [n, N, D], global [n, D'] for images [k*n, (k+1)*n)
+
+Shards are written atomically (temporary name, then rename), so an interrupted build
+resumes at the first missing shard. Training checks the manifest against its own encoder
+and dataset and refuses a cache made for anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+
+
+class CacheMismatch(ValueError):
+    pass
+
+
+def cache_slug(encoder) -> str:
+    """Folder name of an encoder setting inside a cache root."""
+    return f"{encoder.name}-{encoder.preprocessing['resize']['size'][0]}"
+
+
+def expected_manifest(encoder, data, image_hw: tuple[int, int], dtype: str, shard_size: int) -> dict:
+    return {
+        "encoder": encoder.describe(),
+        "grid": list(encoder.grid_for(image_hw)),
+        "dataset": {"name": data.name, "fingerprint": data.fingerprint, "num_images": len(data)},
+        "dtype": dtype,
+        "shard_size": shard_size,
+    }
+
+
+def _identity(manifest: dict) -> dict:
+    """The parts that must match for the features to be the right ones."""
+    return {"encoder": manifest["encoder"], "grid": manifest["grid"], "dataset": manifest["dataset"]}
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def build_cache(folder: Path, encoder, data, dtype: str = "float16", shard_size: int = 1000, batch_size: int = 64, progress: bool = True) -> Path:
+    """Encode every image of ``data`` into ``folder`` (resuming a partial build)."""
+    if data.is_latent:
+        raise CacheMismatch(f"{data.name} holds latents, not pixels: encoder features need the images")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = expected_manifest(encoder, data, tuple(data.images.shape[-2:]), dtype, shard_size)
+    path = folder / MANIFEST
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = _differences(_identity(old), _identity(manifest)) + (["dtype"] if old["dtype"] != dtype else [])
+        if diff or old["shard_size"] != shard_size:
+            raise CacheMismatch(f"{folder} holds another cache (differs in {', '.join(diff) or 'shard_size'}): choose another folder")
+    path.write_text(json.dumps({**manifest, "complete": False}, indent=1))
+    torch_dtype = getattr(torch, dtype)
+    starts = range(0, len(data), shard_size)
+    from tqdm.auto import tqdm
+
+    for start in tqdm(starts, disable=not progress, desc=f"cache {encoder.name}"):
+        shard = folder / f"shard_{start // shard_size:05d}.safetensors"
+        if shard.exists():
+            continue
+        tokens, globals_ = [], []
+        for b in range(start, min(start + shard_size, len(data)), batch_size):
+            out = encoder(data.images[b : min(b + batch_size, start + shard_size, len(data))])
+            tokens.append(out.tokens.to("cpu", torch_dtype))
+            globals_.append(out.global_.to("cpu", torch_dtype))
+        tmp = shard.with_suffix(".tmp")
+        save_file({"tokens": torch.cat(tokens).contiguous(), "global": torch.cat(globals_).contiguous()}, str(tmp))
+        os.replace(tmp, shard)
+    path.write_text(json.dumps({**manifest, "complete": True}, indent=1))
+    return folder
+
+
+class FeatureCache:
+    """A verified cache held in memory; ``lookup(index)`` returns float32 tokens and globals."""
+
+    def __init__(self, folder: Path, encoder, data):
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise CacheMismatch(f"no feature cache at {folder}: build it with `vrpo cache-features --config CONFIG`")
+        manifest = json.loads(path.read_text())
+        expected = expected_manifest(encoder, data, tuple(data.images.shape[-2:]), manifest.get("dtype", "?"), manifest.get("shard_size", 0))
+        diff = _differences(_identity(manifest), _identity(expected))
+        if diff:
+            raise CacheMismatch(f"feature cache {folder} was made for another encoder or dataset (differs in {', '.join(diff[:5])}): rebuild it or point objective.feature_cache elsewhere")
+        if not manifest.get("complete"):
+            raise CacheMismatch(f"feature cache {folder} is incomplete: rerun `vrpo cache-features` to finish it")
+        shards = [load_file(str(folder / f"shard_{k:05d}.safetensors")) for k in range(-(-len(data) // manifest["shard_size"]))]
+        self.tokens = torch.cat([s["tokens"] for s in shards])
+        self.global_ = torch.cat([s["global"] for s in shards])
+        self.grid = tuple(manifest["grid"])
+        if self.tokens.shape[0] != len(data):
+            raise CacheMismatch(f"feature cache {folder} holds {self.tokens.shape[0]} images, the dataset {len(data)}")
+
+    def lookup(self, index: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        index = index.cpu()
+        return self.tokens[index].to(device, torch.float32), self.global_[index].to(device, torch.float32)

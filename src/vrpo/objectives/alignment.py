@@ -1,0 +1,140 @@
+"""The mechanism every representation-alignment method shares.
+
+Frozen encoder targets (computed on the fly or read from a feature cache), one projector
+per encoder on the hidden states of block d, token grids reconciled between model and
+encoder, and the patch-wise cosine. REPA is SiT plus this term; VRPO turns the same
+quantities into rewards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vrpo.models import Projector
+from vrpo.objectives.sit import SiTOptions
+
+
+def default_encoder_depth(depth: int) -> int:
+    """REPA's alignment depth: 8 for L/XL (24+ blocks), 4 for S/B (12), a third otherwise."""
+    if depth >= 24:
+        return 8
+    if depth >= 12:
+        return 4
+    return max(1, depth // 3)
+
+
+@dataclass
+class AlignmentOptions(SiTOptions):
+    encoders: list[str] = field(default_factory=lambda: ["efficientnet-lite0"])
+    encoder_input_size: int = 0  # 0: the encoder's default (EfficientNet 256; DINOv2 224 * res / 256)
+    encoder_weights: str | None = None  # DINOv2: local checkpoint (hub state dict or transformers folder)
+    encoder_depth: int = 0  # block d whose output is aligned; 0: REPA's default for the depth
+    projector_width: int = 2048
+    token_grid: str = "resample_targets"  # or pool_model: average the model tokens down to the encoder grid
+    resample_mode: str = "bilinear"  # bilinear, area, nearest (resample_targets)
+    feature_cache: str | None = None  # cache root built by `vrpo cache-features`; None encodes on the fly
+
+    def validate(self, cfg) -> None:
+        from vrpo.config import ConfigError
+        from vrpo.models import SIZES, parse_arch
+
+        depth = SIZES[parse_arch(cfg.model.arch)[1]][1]
+        if not 0 <= self.encoder_depth <= depth:
+            raise ConfigError(f"objective.encoder_depth {self.encoder_depth} is outside blocks 1..{depth} of {cfg.model.arch}")
+        if self.token_grid not in ("resample_targets", "pool_model"):
+            raise ConfigError(f"objective.token_grid must be resample_targets or pool_model, got {self.token_grid!r}")
+        if self.resample_mode not in ("bilinear", "area", "nearest"):
+            raise ConfigError(f"objective.resample_mode must be bilinear, area or nearest, got {self.resample_mode!r}")
+        if not self.encoders:
+            raise ConfigError("objective.encoders needs at least one encoder")
+        if cfg.data.name == "tensors" and not self.feature_cache:
+            raise ConfigError("latent data (data.name=tensors) has no pixels to encode: set objective.feature_cache")
+
+
+def build_alignment_encoders(options: AlignmentOptions, resolution: int):
+    from vrpo.encoders import build_encoder
+
+    encoders = []
+    for name in options.encoders:
+        opts = {}
+        if name.startswith("efficientnet") and options.encoder_input_size:
+            opts["input_size"] = options.encoder_input_size
+        if name.startswith("dinov2"):
+            opts.update(weights=options.encoder_weights, resolution=resolution)
+            if options.encoder_input_size:
+                opts["input_size"] = options.encoder_input_size
+        encoders.append(build_encoder(name, **opts))
+    return encoders
+
+
+class AlignmentTargets(nn.Module):
+    """Encoder targets and projectors; ``cosine(hidden, batch)`` is the per-sample patch-wise cosine."""
+
+    def __init__(self, options: AlignmentOptions, cfg, model, data=None):
+        super().__init__()
+        self.options = options
+        self.depth = options.encoder_depth or default_encoder_depth(model.depth)
+        # Encoders are frozen and large: kept out of the module tree so they are neither
+        # checkpointed nor handed to the optimizer.
+        self.__dict__["encoders"] = build_alignment_encoders(options, cfg.data.resolution)
+        self.projectors = nn.ModuleList(Projector(model.hidden_size, e.token_dim, options.projector_width) for e in self.encoders)
+        self.model_grid = (model.grid, model.grid)
+        image_hw = (cfg.data.resolution, cfg.data.resolution)
+        self.encoder_grids = [tuple(e.grid_for(image_hw)) for e in self.encoders]
+        self.caches = None
+        if options.feature_cache:
+            from vrpo.encoders.cache import FeatureCache, cache_slug
+
+            if data is None:
+                raise ValueError("a feature cache needs the dataset to verify against")
+            self.caches = [FeatureCache(Path(options.feature_cache) / cache_slug(e), e, data) for e in self.encoders]
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for e in self.encoders:  # follow .to(device) although unregistered
+            e._apply(fn, recurse)
+        return self
+
+    def encoder_outputs(self, batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(tokens [B, N_enc, D], global [B, D']) per encoder, from the cache or computed now."""
+        device = batch.x.device
+        if self.caches is not None:
+            return [c.lookup(batch.index, device) for c in self.caches]
+        if batch.images is None:
+            raise RuntimeError("alignment targets need pixel images or a feature cache")
+        outs = [e(batch.images) for e in self.encoders]
+        return [(o.tokens.float(), o.global_.float()) for o in outs]
+
+    def targets(self, batch) -> list[torch.Tensor]:
+        """Encoder tokens on the grid they are compared on (``pool_model`` keeps the encoder grid)."""
+        out = []
+        for (tokens, _), grid in zip(self.encoder_outputs(batch), self.encoder_grids):
+            if grid != self.model_grid and self.options.token_grid == "resample_targets":
+                from vrpo.encoders import resample_tokens
+
+                tokens = resample_tokens(tokens, grid, self.model_grid, self.options.resample_mode)
+            out.append(tokens)
+        return out
+
+    def project(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Projected hidden states per encoder, on the grid of that encoder's targets."""
+        from vrpo.encoders import pool_tokens
+
+        out = []
+        for proj, grid in zip(self.projectors, self.encoder_grids):
+            z = proj(hidden)
+            if grid != self.model_grid and self.options.token_grid == "pool_model":
+                z = pool_tokens(z, self.model_grid, grid)
+            out.append(z)
+        return out
+
+    @staticmethod
+    def cosine(projected: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+        """Per-sample mean over tokens of cos(phi(h), y), averaged over encoders: [B]."""
+        sims = [F.cosine_similarity(z.float(), y.float(), dim=-1).mean(dim=1) for z, y in zip(projected, targets)]
+        return torch.stack(sims).mean(dim=0)
