@@ -65,7 +65,8 @@ def build_alignment_encoders(options: AlignmentOptions, resolution: int):
         if name.startswith("efficientnet") and options.encoder_input_size:
             opts["input_size"] = options.encoder_input_size
         if name.startswith("dinov2"):
-            opts.update(weights=options.encoder_weights, resolution=resolution)
+            # REPA's 224 * res / 256 rule is for 256+ px images; smaller ones are upsampled to 224.
+            opts.update(weights=options.encoder_weights, resolution=max(resolution, 256))
             if options.encoder_input_size:
                 opts["input_size"] = options.encoder_input_size
         encoders.append(build_encoder(name, **opts))
@@ -86,6 +87,12 @@ class AlignmentTargets(nn.Module):
         self.model_grid = (model.grid, model.grid)
         image_hw = (cfg.data.resolution, cfg.data.resolution)
         self.encoder_grids = [tuple(e.grid_for(image_hw)) for e in self.encoders]
+        if options.token_grid == "pool_model":
+            for e, grid in zip(self.encoders, self.encoder_grids):
+                if grid[0] > model.grid or grid[1] > model.grid:
+                    from vrpo.config import ConfigError
+
+                    raise ConfigError(f"objective.token_grid=pool_model cannot pool the {model.grid}x{model.grid} model grid up to {e.name}'s {grid[0]}x{grid[1]}: use resample_targets")
         self.caches = None
         if options.feature_cache:
             from vrpo.encoders.cache import FeatureCache, cache_slug
@@ -112,8 +119,12 @@ class AlignmentTargets(nn.Module):
 
     def targets(self, batch) -> list[torch.Tensor]:
         """Encoder tokens on the grid they are compared on (``pool_model`` keeps the encoder grid)."""
+        return self.on_model_grid(self.encoder_outputs(batch))
+
+    def on_model_grid(self, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """``targets`` from encoder outputs already at hand (VRPO also reads their global vectors)."""
         out = []
-        for (tokens, _), grid in zip(self.encoder_outputs(batch), self.encoder_grids):
+        for (tokens, _), grid in zip(outputs, self.encoder_grids):
             if grid != self.model_grid and self.options.token_grid == "resample_targets":
                 from vrpo.encoders import resample_tokens
 
@@ -121,12 +132,15 @@ class AlignmentTargets(nn.Module):
             out.append(tokens)
         return out
 
-    def project(self, hidden: torch.Tensor) -> list[torch.Tensor]:
-        """Projected hidden states per encoder, on the grid of that encoder's targets."""
+    def project(self, hidden: torch.Tensor, projectors: nn.ModuleList | None = None) -> list[torch.Tensor]:
+        """Projected hidden states per encoder, on the grid of that encoder's targets.
+
+        ``projectors``: another set with one per encoder (VRPO's per-block heads); default ours.
+        """
         from vrpo.encoders import pool_tokens
 
         out = []
-        for proj, grid in zip(self.projectors, self.encoder_grids):
+        for proj, grid in zip(self.projectors if projectors is None else projectors, self.encoder_grids):
             z = proj(hidden)
             if grid != self.model_grid and self.options.token_grid == "pool_model":
                 z = pool_tokens(z, self.model_grid, grid)

@@ -1,0 +1,71 @@
+"""Step-time overhead of alignment methods over SiT, measured in one process on one config.
+
+For each objective (SiT, then the alignment ones with a feature cache and on the fly) it
+times the real training step after warm-up and prints one JSON object with the ratios.
+The cache is built first (on a small subset) into a temporary folder, and its build time
+and size are reported too. Example:
+    python benchmarks/alignment_overhead.py --arch SiT-T/2 --objectives repa
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_step import measure  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/fmnist/repa-t2.yaml")
+    parser.add_argument("--arch", default="SiT-T/2")
+    parser.add_argument("--objectives", default="repa", help="comma-separated alignment objectives")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--limit", type=int, default=640, help="images in the cached subset")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    from vrpo.config import load_config
+    from vrpo.data import load_dataset
+    from vrpo.encoders.cache import build_cache, cache_slug
+    from vrpo.objectives.alignment import build_alignment_encoders
+
+    base = [f"model.arch={args.arch}", f"data.limit={args.limit}", *args.set]
+    with tempfile.TemporaryDirectory() as cache_root:
+        cfg = load_config(args.config, [*base, f"objective.feature_cache={cache_root}"])
+        data = load_dataset(cfg.data)
+        cache = {}
+        for encoder in build_alignment_encoders(cfg.objective, cfg.data.resolution):
+            folder = Path(cache_root) / cache_slug(encoder)
+            start = time.perf_counter()
+            build_cache(folder, encoder, data, progress=False)
+            cache[encoder.name] = {
+                "images": len(data),
+                "build_s": time.perf_counter() - start,
+                "mib": sum(p.stat().st_size for p in folder.iterdir()) / 2**20,
+            }
+        runs = {"sit": measure(args.config, [*base, "objective={name: sit}"], args.steps, args.warmup)}
+        for name in args.objectives.split(","):
+            obj = [*base, f"objective.name={name}"]
+            runs[f"{name}_cache"] = measure(args.config, [*obj, f"objective.feature_cache={cache_root}"], args.steps, args.warmup)
+            runs[f"{name}_on_the_fly"] = measure(args.config, [*obj, "objective.feature_cache=null"], args.steps, args.warmup)
+    sit_ms = runs["sit"]["ms_per_step"]
+    print(json.dumps({
+        "arch": args.arch,
+        "batch_size": runs["sit"]["batch_size"],
+        "ms_per_step": {k: v["ms_per_step"] for k, v in runs.items()},
+        "ratio_over_sit": {k: v["ms_per_step"] / sit_ms for k, v in runs.items()},
+        "peak_rss_mb": max(v["peak_rss_mb"] for v in runs.values()),
+        "cache": cache,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
