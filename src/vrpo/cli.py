@@ -57,6 +57,58 @@ def _cache_features(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    import json
+
+    import torch
+
+    from vrpo.eval import suite
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.run is not None:
+        if args.ref is not None:
+            raise suite.EvalError("--ref goes with --samples; --run evaluates on the run's own dataset (--split)")
+        result = suite.evaluate_representations(
+            args.run, args.metrics or suite.RUN_METRICS, split=args.split, timesteps=args.timesteps,
+            num=args.num or 1000, probe_train=args.probe_train, which=args.weights,
+            encoder_weights=args.encoder_weights, encoder_name=args.encoder, encoder_input_size=args.encoder_input_size,
+            seed=args.seed, batch_size=args.batch_size, device=device,
+        )
+        step = result["step"]
+    else:
+        if args.ref is None:
+            raise suite.EvalError("--samples needs --ref (NAME:SPLIT, an npz, an image folder or a statistics file)")
+        step = args.step
+        if args.append and step is None:  # the samples are taken to come from the run's newest checkpoint
+            step = suite.newest_checkpoint_step(args.append.parent)
+            if step is None:
+                raise suite.EvalError(f"--append needs --step: {args.append.parent} has no checkpoint to take it from")
+        result = suite.evaluate_samples(
+            args.samples, args.ref, args.metrics or tuple(suite.SAMPLE_METRICS), num=args.num, ref_num=args.ref_num,
+            cache_dir=args.cache_dir, data_root=args.data_root, encoder_weights=args.encoder_weights,
+            encoder_name=args.encoder, device=device, batch_size=args.batch_size, progress=True,
+        )
+    if args.append:
+        suite.append_record(args.append, suite.metrics_record(step, result))
+    print(json.dumps(result))
+    return 0
+
+
+def _plot(args) -> int:
+    from vrpo.eval.plot import plot_runs
+
+    out = plot_runs(args.runs, args.out, [m.strip() for m in args.metric.split(",") if m.strip()])
+    print(f"wrote {out}")
+    return 0
+
+
+def _timesteps(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vrpo", description="Diffusion transformers with representation alignment.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +137,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=1000)
     p.set_defaults(func=_cache_features)
+
+    p = sub.add_parser("eval", help="sample metrics (FID, sFID, precision/recall, FD-encoder) or a run's representation metrics; prints one JSON object")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--samples", type=Path, help="ADM npz (arr_0: uint8 N x H x W x C) or a folder of images")
+    source.add_argument("--run", type=Path, help="run folder: RA, CKNNA and linear probe on held-out images")
+    p.add_argument("--ref", help="NAME:SPLIT (fashion-mnist:test, mnist:test, digits:test), an npz, an image folder, or a statistics file")
+    p.add_argument("--metrics", default=None, help="comma-separated; samples: fid,sfid,pr,fd_encoder (default all); run: ra,cknna,probe (default all)")
+    p.add_argument("--num", type=int, default=None, help="samples: use the first N (error if fewer); run: held-out images (default 1000)")
+    p.add_argument("--ref-num", type=int, default=10_000, help="reference images, a class-balanced subset (default 10000)")
+    p.add_argument("--append", type=Path, default=None, metavar="RUN/metrics.jsonl", help="append the metrics with their step")
+    p.add_argument("--step", type=int, default=None, help="step recorded with --append (default: the run's newest checkpoint)")
+    p.add_argument("--cache-dir", default="~/.cache/vrpo/refstats", help="reference statistics cache")
+    p.add_argument("--data-root", default=None, help="folder of the NAME:SPLIT reference's files (default: the usual places)")
+    p.add_argument("--encoder-weights", default=None, help="DINOv2 weights: FD-DINOv2 instead of FD-EfficientNet (and the CKNNA encoder)")
+    p.add_argument("--encoder", default="dinov2-vitb14", help="DINOv2 model the weights belong to")
+    p.add_argument("--encoder-input-size", type=int, default=224, help="run: CKNNA encoder input size")
+    p.add_argument("--split", default="test", help="run: held-out split")
+    p.add_argument("--timesteps", type=_timesteps, default=[0.25, 0.5, 0.75], help="run: noise levels t (0 data, 1 noise)")
+    p.add_argument("--probe-train", type=int, default=None, help="run: train images for the linear probe (default --num)")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="run: which weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("plot", help="metric curves of runs (their metrics.jsonl) into one PNG")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN")
+    p.add_argument("--out", required=True, type=Path, help="PNG file")
+    p.add_argument("--metric", default="fid", help="metric key(s), comma-separated, e.g. fid,sfid or cknna@0.5")
+    p.set_defaults(func=_plot)
     return parser
 
 
@@ -93,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     from vrpo.data import DataError
     from vrpo.train import TrainingDiverged
     from vrpo.encoders.cache import CacheMismatch
+    from vrpo.eval.suite import EvalError
     from vrpo.train.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, CacheMismatch, TrainingDiverged, FileNotFoundError) as err:
+    except (ConfigError, DataError, CheckpointError, CacheMismatch, TrainingDiverged, FileNotFoundError, EvalError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
