@@ -203,3 +203,21 @@ def test_sampling_is_reproducible_and_resumable(tmp_path, tiny_overrides):
     b = sample_run(tmp_path / "run", 10, tmp_path / "b.npz", batch_size=4, progress=False)
     with np.load(a) as fa, np.load(b) as fb:
         assert np.array_equal(fa["arr_0"], fb["arr_0"]) and np.array_equal(fa["arr_1"], fb["arr_1"])
+
+
+def test_evaluation_during_training_and_after_a_stop(tmp_path, tiny_overrides):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    evals = [
+        "objective.name=repa", "objective.projector_width=64", "objective.encoder_input_size=64",
+        "eval.every=2", "eval.num_samples=8", "eval.ref=digits:test", "eval.ref_num=16", "eval.ra_num=8",
+        f"eval.cache_dir={tmp_path / 'refstats'}", "train.max_steps=2",
+    ]
+    cfg = load_config(str(ROOT / "configs/fmnist/repa-t2.yaml"), [*tiny_overrides, "objective.feature_cache=null", *evals])
+    train(cfg, tmp_path / "run")
+    metrics = tmp_path / "run/metrics.jsonl"
+    record = json.loads(metrics.read_text().splitlines()[-1])
+    assert record["step"] == 2 and record["fid"] > 0 and -1 <= record["ra"] <= 1
+    metrics.unlink()  # as if killed after the checkpoint, before the evaluation
+    train(cfg, tmp_path / "run")
+    again = json.loads(metrics.read_text().splitlines()[-1])
+    assert again["step"] == 2 and again["fid"] == pytest.approx(record["fid"]) and again["ra"] == pytest.approx(record["ra"])

@@ -106,6 +106,20 @@ class TrainConfig:
     progress: bool = True
 
 
+@dataclass
+class EvalConfig:
+    """Evaluation during training (rank 0, after the checkpoint of the step)."""
+
+    every: int = 0  # steps between evaluations; 0: off. The final step is evaluated when > 0
+    num_samples: int = 5000  # generated images per FID
+    ref: str = ""  # reference: NAME:SPLIT, npz, folder or stats file; "" = the training set's test split
+    ref_num: int = 10000  # reference images (class-balanced subset when larger)
+    metrics: list[str] = field(default_factory=lambda: ["fid"])  # fid, sfid, pr, fd_encoder
+    ra_num: int = 500  # held-out images for RA at t = 0.5 (alignment methods); 0: off
+    cache_dir: str = "~/.cache/vrpo/refstats"
+    seed: int = 0
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -114,6 +128,7 @@ SECTIONS: dict[str, type] = {
     "sampler": SamplerConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -126,6 +141,7 @@ class Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     objective: Any = None  # the selected objective's Options dataclass
 
     def to_dict(self) -> dict:
@@ -270,6 +286,9 @@ def validate(cfg: Config) -> None:
     need(0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
     need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
     need(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    e = cfg.eval
+    need(e.every >= 0 and e.num_samples >= 2 and e.ra_num >= 0, "eval.every, eval.num_samples (>= 2) and eval.ra_num must be non-negative")
+    need(not (e.every and cfg.data.name == "tensors"), "eval.every needs pixel data: latent runs (data.name=tensors) have no decoder here")
     o = cfg.optim
     need(len(o.betas) == 2, "optim.betas needs two values")
     need(o.schedule in ("constant", "cosine", "linear"), f"optim.schedule must be constant, cosine or linear, got {o.schedule!r}")

@@ -545,9 +545,12 @@ def evaluate_during_training(
     ref_num: int = DEFAULT_REF_NUM,
     cache_dir: PathLike = DEFAULT_CACHE_DIR,
     extractors: dict[str, FeatureExtractor] | None = None,
+    extra: Mapping[str, Any] | None = None,
     **sampler_overrides,
 ) -> dict[str, Any]:
     """Sample ``num`` images, score them against the cached ``ref`` statistics, append to RUN/metrics.jsonl.
+
+    ``extra`` holds further numbers of this step (e.g. RA) stored in the same record.
 
     Call on the main rank only. Pass the same ``extractors`` dict (e.g. ``{}``) every time:
     the Inception network built on the first call stays in it. Returns the appended record.
@@ -560,6 +563,6 @@ def evaluate_during_training(
     data_root = cfg.data.root if str(ref).partition(":")[0] == cfg.data.name else None
     result = evaluate_samples(images, ref, metrics, ref_num=ref_num, cache_dir=cache_dir, data_root=data_root,
                               device=device, batch_size=batch_size, extractors=extractors)
-    record = metrics_record(step, result)
+    record = {**metrics_record(step, result), **(extra or {})}
     append_record(Path(run_dir) / "metrics.jsonl", record)
     return record

@@ -33,7 +33,7 @@ from vrpo.utils.images import save_grid, to_model_space, to_uint8
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.ckpt_every", "train.keep_last", "train.log_every", "train.sample_every",
     "train.sample_grid", "train.progress", "train.tensorboard", "train.threads", "train.max_nonfinite",
-}
+}  # and every key of the sampler and eval sections
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,7 +78,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
         return False
     saved = _flat(config_from_dict(yaml.safe_load(path.read_text())).to_dict())
     now = _flat(cfg.to_dict())
-    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES and not k.startswith("sampler.")]
+    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES and not k.startswith(("sampler.", "eval."))]
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
         raise ConfigError(f"{run_dir} was started with another config ({detail}); resume with the same config or use a new --out")
@@ -237,6 +237,58 @@ class Trainer:
             return None  # latents need a decoder to become pictures
         return save_grid(to_uint8(x), self.run_dir / "samples" / f"step_{self.step:08d}.png", nrow=d.num_classes if self.conditional and t.sample_grid % d.num_classes == 0 else None)
 
+    # ------------------------------------------------------------ evaluation
+
+    def eval_due(self) -> bool:
+        every = self.cfg.eval.every
+        return every > 0 and (self.step % every == 0 or self.step == self.cfg.train.max_steps)
+
+    def evaluated_steps(self) -> set[int]:
+        from vrpo.train.logging import read_log
+
+        return {int(r["step"]) for r in read_log(self.run_dir / "metrics.jsonl")}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        """FID (and RA for alignment methods) of the EMA model at this step, into RUN/metrics.jsonl."""
+        if not self.main:
+            return None
+        from vrpo.eval.suite import evaluate_during_training
+
+        e = self.cfg.eval
+        extra = {}
+        align = getattr(self.objective, "align", None)
+        if align is not None and e.ra_num:
+            extra["ra"] = self.held_out_ra(align)
+        ref = e.ref or f"{self.cfg.data.name}:test"
+        self._extractors = getattr(self, "_extractors", {})
+        record = evaluate_during_training(
+            self.run_dir, self.ema, self.cfg, self.step, e.num_samples, ref, metrics=e.metrics, seed=e.seed,
+            ref_num=e.ref_num, cache_dir=e.cache_dir, extractors=self._extractors, extra=extra,
+        )
+        print(f"step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+        return record
+
+    def held_out_ra(self, align, t: float = 0.5) -> float:
+        """RA (mean cosine of projected block-d states and encoder tokens) on held-out images at time t."""
+        from dataclasses import replace
+
+        from vrpo.data import balanced_subset, load_split
+        from vrpo.eval.suite import block_states
+        from vrpo.objectives.alignment import AlignmentTargets
+
+        if not hasattr(self, "_ra_images"):
+            d, e = self.cfg.data, self.cfg.eval
+            self._ra_images = balanced_subset(load_split(d.name, "test", d.root, d.resolution), e.ra_num, e.seed).images
+            # The training cache does not hold held-out images: encode them on the fly.
+            self._ra_align = align
+            if align.caches is not None:
+                with torch.random.fork_rng(devices=[]):  # its throwaway heads must not move the global RNG
+                    self._ra_align = AlignmentTargets(replace(align.options, feature_cache=None), self.cfg, self.model).to(self.device)
+                self._ra_align.projectors = align.projectors
+        _, ra = block_states(self.ema, self.objective, self.cfg, self._ra_images, (t,), align.depth, self._ra_align, self.cfg.eval.seed)
+        return ra[t]
+
     # ------------------------------------------------------------ the loop
 
     def fit(self) -> TrainResult:
@@ -247,6 +299,8 @@ class Trainer:
         window: dict[str, float] = {}
         window_steps, window_start = 0, time.perf_counter()
         last = {"loss": float("nan")}
+        if self.step and self.eval_due() and self.step not in self.evaluated_steps():
+            self.evaluate()  # the run was stopped between its checkpoint and its evaluation
         while self.step < t.max_steps:
             last = self.train_one_step()
             if self.consecutive_bad >= t.max_nonfinite:
@@ -267,8 +321,10 @@ class Trainer:
                 self.logger.log(self.step, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", refresh=False)
                 window, window_steps, window_start = {}, 0, time.perf_counter()
-            if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
+            if self.step % t.ckpt_every == 0 or self.step == t.max_steps or self.eval_due():
                 self.save()
+            if self.eval_due():
+                self.evaluate()
             if t.sample_every and self.step % t.sample_every == 0 and self.step != t.max_steps:
                 self.sample_grid()
         bar.close()
