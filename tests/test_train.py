@@ -221,3 +221,18 @@ def test_evaluation_during_training_and_after_a_stop(tmp_path, tiny_overrides):
     train(cfg, tmp_path / "run")
     again = json.loads(metrics.read_text().splitlines()[-1])
     assert again["step"] == 2 and again["fid"] == pytest.approx(record["fid"]) and again["ra"] == pytest.approx(record["ra"])
+
+
+def test_methods_with_one_seed_are_paired(tmp_path, tiny_overrides):
+    """Same seed: same initial network and data order, whatever the method."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from vrpo.train.loop import Trainer
+
+    sit = Trainer(tiny_cfg(tiny_overrides, "train.seed=5"), tmp_path / "sit")
+    repa_cfg = load_config(str(ROOT / "configs/fmnist/repa-t2.yaml"), [*tiny_overrides, "train.seed=5", "objective.feature_cache=null", "objective.projector_width=64", "objective.encoder_input_size=64"])
+    repa = Trainer(repa_cfg, tmp_path / "repa")
+    for (k, a), (_, b) in zip(sit.model.state_dict().items(), repa.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert all(torch.equal(a, b) for a, b in zip(sit._micro_batches(3), repa._micro_batches(3)))
+    other = Trainer(tiny_cfg(tiny_overrides, "train.seed=6"), tmp_path / "other")
+    assert not torch.equal(other.model.blocks[0].attn.qkv.weight, sit.model.blocks[0].attn.qkv.weight)

@@ -109,6 +109,15 @@ def _timesteps(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
 
 
+def _study(args) -> int:
+    from vrpo.study import load_study, run_study, write_report
+
+    spec = load_study(args.config, args.set)
+    report = write_report(spec) if args.report_only else run_study(spec)
+    print(f"report: {report} (plot: {report.with_suffix('.png')})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vrpo", description="Diffusion transformers with representation alignment.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=1000)
     p.set_defaults(func=_cache_features)
+
+    p = sub.add_parser("study", help="run a paired (method x seed) grid and write its report")
+    p.add_argument("--config", required=True, help="study YAML, e.g. configs/study/fmnist.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from finished evaluations")
+    p.set_defaults(func=_study)
 
     p = sub.add_parser("eval", help="sample metrics (FID, sFID, precision/recall, FD-encoder) or a run's representation metrics; prints one JSON object")
     source = p.add_mutually_exclusive_group(required=True)

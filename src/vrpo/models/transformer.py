@@ -220,12 +220,16 @@ class DiffusionTransformer(nn.Module):
         y: torch.Tensor | None = None,
         hidden_layers: Iterable[int] = (),
         stop_after: int | None = None,
+        detach_after: int | None = None,
     ) -> ModelOutput:
         """Predict for noisy inputs ``x`` at times ``t`` (model units) and labels ``y``.
 
         ``hidden_layers``: 1-based block indices whose outputs are returned.
         ``stop_after``: run only blocks 1..stop_after and return no prediction (a cheap
         partial pass, e.g. VRPO's stability reward).
+        ``detach_after``: cut the graph after block detach_after, so that what is computed
+        from this pass's later blocks sends no gradient to the embeddings or blocks
+        1..detach_after (e.g. a reward that must only train the middle blocks).
         """
         wanted = set(hidden_layers)
         if any(not 1 <= i <= self.depth for i in wanted):
@@ -235,6 +239,8 @@ class DiffusionTransformer(nn.Module):
         hidden: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.blocks[:last], start=1):
             tokens = block(tokens, cond)
+            if index == detach_after:
+                tokens = tokens.detach()
             if index in wanted:
                 hidden[index] = tokens
         if stop_after is not None:

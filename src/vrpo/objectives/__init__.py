@@ -15,6 +15,7 @@ _MODULES = {
     "sit": ("vrpo.objectives.sit", "SiT"),
     "ddpm": ("vrpo.objectives.ddpm", "DDPM"),
     "repa": ("vrpo.objectives.repa", "REPA"),
+    "vrpo": ("vrpo.objectives.vrpo", "VRPO"),
 }
 
 

@@ -49,6 +49,10 @@ class Objective(nn.Module):
     def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> LossOutput:
         raise NotImplementedError  # abstract: every objective defines its loss
 
+    def finalize(self, run_dir) -> list:
+        """Hook at the end of a run (rank 0): method-specific plots; returns the files written."""
+        return []
+
     def end_of_step(self, step: int, applied: bool) -> None:
         """Hook after each step; ``applied`` is False when the step was skipped as non-finite."""
 

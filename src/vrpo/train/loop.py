@@ -330,6 +330,8 @@ class Trainer:
         bar.close()
         samples = self.sample_grid()
         curve = self.logger.plot_loss(self.run_dir / "loss_curve.png") if self.main else None
+        if self.main:
+            self.objective.finalize(self.run_dir)
         self.logger.close()
         return TrainResult(self.run_dir, self.step, self.skipped, last["loss"], samples, curve)
 
