@@ -27,7 +27,10 @@ data:
 	fi
 
 demo: install data
+	$(PYTHON) -m vrpo.cli cache-features --config $(DEMO_CONFIG)
 	$(PYTHON) -m vrpo.cli train --config $(DEMO_CONFIG) --out $(RUN)
+	$(PYTHON) -m vrpo.cli sample --run $(RUN) --num 100 --out $(RUN)/samples.npz
+	$(PYTHON) -m vrpo.cli eval --run $(RUN) --metrics ra,cknna,probe --num 500 --timesteps 0.5 --append $(RUN)/metrics.jsonl
 
 test: install data
 	@$(PYTHON) -m pytest tests; rc=$$?; \
@@ -37,4 +40,4 @@ bench: install
 	$(PYTHON) benchmarks/train_step.py --config configs/fmnist/sit-t2.yaml
 
 clean:
-	rm -rf $(STAMP) runs/demo
+	rm -rf $(STAMP) runs/demo cache/fmnist-5k

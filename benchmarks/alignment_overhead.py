@@ -25,6 +25,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="configs/fmnist/repa-t2.yaml")
     parser.add_argument("--arch", default="SiT-T/2")
     parser.add_argument("--objectives", default="repa", help="comma-separated alignment objectives")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE;KEY=VALUE",
+                        help="an extra cached run, e.g. 'vrpo-sem:objective.name=vrpo;objective.rewards=[semantic]'")
+    parser.add_argument("--no-on-the-fly", action="store_true", help="time only the cached runs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--limit", type=int, default=640, help="images in the cached subset")
     parser.add_argument("--steps", type=int, default=4)
@@ -51,10 +54,15 @@ def main(argv=None) -> int:
                 "mib": sum(p.stat().st_size for p in folder.iterdir()) / 2**20,
             }
         runs = {"sit": measure(args.config, [*base, "objective={name: sit}"], args.steps, args.warmup)}
-        for name in args.objectives.split(","):
+        cached = f"objective.feature_cache={cache_root}"
+        for name in filter(None, args.objectives.split(",")):
             obj = [*base, f"objective.name={name}"]
-            runs[f"{name}_cache"] = measure(args.config, [*obj, f"objective.feature_cache={cache_root}"], args.steps, args.warmup)
-            runs[f"{name}_on_the_fly"] = measure(args.config, [*obj, "objective.feature_cache=null"], args.steps, args.warmup)
+            runs[f"{name}_cache"] = measure(args.config, [*obj, cached], args.steps, args.warmup)
+            if not args.no_on_the_fly:
+                runs[f"{name}_on_the_fly"] = measure(args.config, [*obj, "objective.feature_cache=null"], args.steps, args.warmup)
+        for variant in args.variant:
+            name, _, overrides = variant.partition(":")
+            runs[name] = measure(args.config, [*base, *overrides.split(";"), cached], args.steps, args.warmup)
     sit_ms = runs["sit"]["ms_per_step"]
     print(json.dumps({
         "arch": args.arch,
