@@ -1,7 +1,8 @@
 """Step-time overhead of alignment methods over SiT, measured in one process on one config.
 
-For each objective (SiT, then the alignment ones with a feature cache and on the fly) it
-times the real training step after warm-up and prints one JSON object with the ratios.
+For each objective (SiT, then the alignment ones with a feature cache and on the fly, then
+any --variant) it times the real training step, all variants in turn step by step so that
+the machine's drift hits them alike, and prints one JSON object with median ratios.
 The cache is built first (on a small subset) into a temporary folder, and its build time
 and size are reported too. Example:
     python benchmarks/alignment_overhead.py --arch SiT-T/2 --objectives repa
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_step import measure  # noqa: E402
+from train_step import measure_interleaved  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -53,23 +55,25 @@ def main(argv=None) -> int:
                 "build_s": time.perf_counter() - start,
                 "mib": sum(p.stat().st_size for p in folder.iterdir()) / 2**20,
             }
-        runs = {"sit": measure(args.config, [*base, "objective={name: sit}"], args.steps, args.warmup)}
         cached = f"objective.feature_cache={cache_root}"
+        variants = {"sit": (args.config, [*base, "objective={name: sit}"])}
         for name in filter(None, args.objectives.split(",")):
             obj = [*base, f"objective.name={name}"]
-            runs[f"{name}_cache"] = measure(args.config, [*obj, cached], args.steps, args.warmup)
+            variants[f"{name}_cache"] = (args.config, [*obj, cached])
             if not args.no_on_the_fly:
-                runs[f"{name}_on_the_fly"] = measure(args.config, [*obj, "objective.feature_cache=null"], args.steps, args.warmup)
+                variants[f"{name}_on_the_fly"] = (args.config, [*obj, "objective.feature_cache=null"])
         for variant in args.variant:
             name, _, overrides = variant.partition(":")
-            runs[name] = measure(args.config, [*base, *overrides.split(";"), cached], args.steps, args.warmup)
-    sit_ms = runs["sit"]["ms_per_step"]
+            variants[name] = (args.config, [*base, *overrides.split(";"), cached])
+        runs = measure_interleaved(variants, args.steps, args.warmup)
+    sit_ms = runs["sit"]["ms_per_step_median"]
     print(json.dumps({
         "arch": args.arch,
-        "batch_size": runs["sit"]["batch_size"],
-        "ms_per_step": {k: v["ms_per_step"] for k, v in runs.items()},
-        "ratio_over_sit": {k: v["ms_per_step"] / sit_ms for k, v in runs.items()},
-        "peak_rss_mb": max(v["peak_rss_mb"] for v in runs.values()),
+        "config": args.config,
+        "steps_per_variant": args.steps,
+        "ms_per_step_median": {k: round(v["ms_per_step_median"], 1) for k, v in runs.items()},
+        "ratio_over_sit": {k: round(v["ms_per_step_median"] / sit_ms, 3) for k, v in runs.items()},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "cache": cache,
     }))
     return 0

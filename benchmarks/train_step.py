@@ -50,6 +50,40 @@ def measure(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
     }
 
 
+def measure_interleaved(variants: dict[str, tuple[str, list[str]]], steps: int, warmup: int) -> dict[str, dict]:
+    """Time several configs step by step in turn (round robin), so that drift in the
+    machine's speed hits every variant alike; reports the median and mean step time."""
+    import statistics
+
+    from vrpo.config import load_config
+    from vrpo.train.loop import Trainer
+
+    trainers, batch = {}, {}
+    with tempfile.TemporaryDirectory() as root:
+        for i, (name, (config, overrides)) in enumerate(variants.items()):
+            cfg = load_config(config, [*overrides, "train.progress=false", "train.tensorboard=false", f"train.max_steps={steps + warmup}"])
+            trainers[name] = Trainer(cfg, f"{root}/{i}")
+            batch[name] = cfg.train.batch_size
+        times: dict[str, list[float]] = {name: [] for name in trainers}
+        for round_ in range(warmup + steps):
+            for name, trainer in trainers.items():
+                start = time.perf_counter()
+                trainer.train_one_step()
+                if trainer.device.type == "cuda":
+                    torch.cuda.synchronize()
+                if round_ >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return {
+        name: {
+            "ms_per_step_median": 1000 * statistics.median(t),
+            "ms_per_step_mean": 1000 * statistics.fmean(t),
+            "images_per_s": batch[name] / statistics.median(t),
+            "steps": len(t),
+        }
+        for name, t in times.items()
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
