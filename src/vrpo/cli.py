@@ -13,6 +13,10 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.set)
     result = train(cfg, args.out)
+    from vrpo.utils.dist import is_main
+
+    if not is_main():
+        return 0
     print(f"done: {result.step} steps ({result.skipped_steps} skipped), last loss {result.last_loss:.4f}")
     print(f"  run folder:  {result.run_dir}")
     print(f"  samples:     {result.samples}")

@@ -26,7 +26,7 @@ from vrpo.objectives import Batch, build_objective
 from vrpo.train.checkpoint import clean_temporaries, latest_checkpoint, restore_rng, save_checkpoint, unflatten_optimizer
 from vrpo.train.ema import ema_decay, make_ema, update_ema
 from vrpo.train.logging import RunLogger
-from vrpo.utils.dist import any_rank, barrier, init_distributed
+from vrpo.utils.dist import all_reduce_mean, any_rank, barrier, init_distributed
 from vrpo.utils.images import save_grid, to_model_space, to_uint8
 
 # Keys that may change when a run is resumed (with every sampler.* key): they do not affect the weights.
@@ -191,21 +191,26 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         micro = self._micro_batches(step)
-        logs: dict[str, float] = {}
-        loss_total = torch.zeros((), device=self.device)
+        logs: dict[str, torch.Tensor] = {}
         for m, index in enumerate(micro):
             batch = make_batch(self.data, index, self.device, self.conditional)
             sync = contextlib.nullcontext() if (self.world == 1 or m == len(micro) - 1) else self.train_step.no_sync()
+            # Keyed on the micro-batch's place in the global batch: W ranks x A micro-batches
+            # draw what one process with W x A accumulation steps would.
+            generator = step_generator(t.seed, step, self.rank * len(micro) + m)
             with sync:
                 with self.autocast():
-                    loss, step_logs = self.train_step(batch, step_generator(t.seed, step, m, self.rank))
+                    loss, step_logs = self.train_step(batch, generator)
                 (loss / len(micro)).backward()
-            loss_total += loss.detach().float() / len(micro)
-            for k, v in step_logs.items():
-                logs[k] = logs.get(k, 0.0) + float(v) / len(micro)
+            for k, v in {"loss": loss, **step_logs}.items():
+                logs[k] = logs.get(k, 0.0) + torch.as_tensor(v, device=self.device).detach().float() / len(micro)
+        # One reduction for every logged number: the log shows the global batch, not rank 0's share.
+        names = list(logs)
+        values = all_reduce_mean(torch.stack([logs[k] for k in names])).tolist()
+        logs = dict(zip(names, values))
         clip = t_clip if (t_clip := self.cfg.optim.grad_clip) > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))
+        finite = math.isfinite(logs["loss"]) and bool(torch.isfinite(grad_norm))
         if any_rank(not finite, self.device):
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
@@ -217,7 +222,7 @@ class Trainer:
             self.consecutive_bad = 0
             self.objective.end_of_step(step, applied=True)
         self.step += 1
-        return {"loss": float(loss_total), "grad_norm": float(grad_norm), "lr": lr, **logs}
+        return {**logs, "grad_norm": float(grad_norm), "lr": lr}
 
     # ------------------------------------------------------------ samples
 
