@@ -236,3 +236,26 @@ def test_methods_with_one_seed_are_paired(tmp_path, tiny_overrides):
     assert all(torch.equal(a, b) for a, b in zip(sit._micro_batches(3), repa._micro_batches(3)))
     other = Trainer(tiny_cfg(tiny_overrides, "train.seed=6"), tmp_path / "other")
     assert not torch.equal(other.model.blocks[0].attn.qkv.weight, sit.model.blocks[0].attn.qkv.weight)
+
+
+def test_resume_refuses_changed_data(tmp_path, tiny_overrides):
+    from vrpo.config import ConfigError
+
+    train(tiny_cfg(tiny_overrides, "train.max_steps=2"), tmp_path)
+    # same config, other images behind it (e.g. the files were replaced): refuse, do not diverge silently
+    import vrpo.train.loop as loop
+
+    real = loop.load_dataset
+
+    def other_images(cfg):
+        data = real(cfg)
+        data.images = 255 - data.images
+        data.__dict__.pop("fingerprint", None)
+        return data
+
+    loop.load_dataset = other_images
+    try:
+        with pytest.raises(ConfigError, match="training data changed"):
+            train(tiny_cfg(tiny_overrides, "train.max_steps=4"), tmp_path)
+    finally:
+        loop.load_dataset = real

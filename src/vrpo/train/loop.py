@@ -69,13 +69,13 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
-    """Save the resolved config, or check it against the saved one; True when resuming."""
+def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Save the resolved config, or check it against the one the run was started with."""
     path = run_dir / "config.yaml"
     if not path.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, path)
-        return False
+        return
     saved = _flat(config_from_dict(yaml.safe_load(path.read_text())).to_dict())
     now = _flat(cfg.to_dict())
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES and not k.startswith(("sampler.", "eval."))]
@@ -83,7 +83,6 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
         raise ConfigError(f"{run_dir} was started with another config ({detail}); resume with the same config or use a new --out")
     save_config(cfg, path)  # record the allowed changes (e.g. a longer max_steps)
-    return True
 
 
 class TrainStep(torch.nn.Module):
@@ -117,7 +116,10 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.main = self.rank == 0
-        self.resuming = prepare_run_dir(cfg, self.run_dir) if self.main else True
+        if self.main:
+            prepare_run_dir(cfg, self.run_dir)
+            clean_temporaries(self.run_dir)
+            latest_checkpoint(self.run_dir, quarantine=True)  # damaged ones moved aside before any rank reads
         barrier()
         self.data = load_dataset(cfg.data)
         self.conditional = not cfg.data.unconditional
@@ -149,10 +151,11 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def _restore(self) -> None:
-        clean_temporaries(self.run_dir)
-        ckpt = latest_checkpoint(self.run_dir, quarantine=self.main)
+        ckpt = latest_checkpoint(self.run_dir, log=lambda *_: None)
         if ckpt is None:
             return
+        if ckpt.meta.get("data_fingerprint") != self.data.fingerprint:
+            raise ConfigError(f"the training data changed since {ckpt.path} was written (fingerprint {ckpt.meta.get('data_fingerprint')} -> {self.data.fingerprint}): resuming would not repeat the same steps; use a new --out")
         self.model.load_state_dict(ckpt.tensors["model"])
         self.ema.load_state_dict(ckpt.tensors["ema"])
         self.objective.load_state_dict(ckpt.tensors["objective"])
