@@ -201,10 +201,6 @@ class VRPO(REPA):
     name = "vrpo"
     Options = VRPOOptions
 
-    def finalize(self, run_dir) -> list:
-        plot = plot_vrpo(run_dir)
-        return [plot] if plot else []
-
     def __init__(self, options: VRPOOptions, cfg, model, data=None):
         super().__init__(options, cfg, model, data)
         from vrpo.config import ConfigError
@@ -258,6 +254,10 @@ class VRPO(REPA):
 
     def hidden_layers(self) -> tuple[int, ...]:
         return () if self.second_pass else tuple(self.layers)
+
+    def finalize(self, run_dir) -> list:
+        plot = plot_vrpo(run_dir)
+        return [plot] if plot else []
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._reference, self._pending, self._counts = None, [], None  # derived from the buffers being replaced
