@@ -15,7 +15,6 @@ normed CLS token.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, replace

@@ -9,7 +9,6 @@ noise. The global batch is ``train.batch_size``, split over ranks and accumulati
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -147,6 +146,8 @@ class Trainer:
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
         self.logger = RunLogger(self.run_dir, enabled=self.main, tensorboard=t.tensorboard)
+        self.extractors: dict = {}  # evaluation networks, loaded on the first evaluation
+        self.ra_images = self.ra_align = None  # held-out images and targets for RA, likewise
 
     # ------------------------------------------------------------ checkpoints
 
@@ -269,10 +270,9 @@ class Trainer:
         if align is not None and e.ra_num:
             extra["ra"] = self.held_out_ra(align)
         ref = e.ref or f"{self.cfg.data.name}:test"
-        self._extractors = getattr(self, "_extractors", {})
         record = evaluate_during_training(
             self.run_dir, self.ema, self.cfg, self.step, e.num_samples, ref, metrics=e.metrics, seed=e.seed,
-            ref_num=e.ref_num, cache_dir=e.cache_dir, extractors=self._extractors, extra=extra,
+            ref_num=e.ref_num, cache_dir=e.cache_dir, extractors=self.extractors, extra=extra,
         )
         print(f"step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
         return record
@@ -285,16 +285,16 @@ class Trainer:
         from vrpo.eval.suite import block_states
         from vrpo.objectives.alignment import AlignmentTargets
 
-        if not hasattr(self, "_ra_images"):
+        if self.ra_images is None:
             d, e = self.cfg.data, self.cfg.eval
-            self._ra_images = balanced_subset(load_split(d.name, "test", d.root, d.resolution), e.ra_num, e.seed).images
-            # The training cache does not hold held-out images: encode them on the fly.
-            self._ra_align = align
+            self.ra_images = balanced_subset(load_split(d.name, "test", d.root, d.resolution), e.ra_num, e.seed).images
+            self.ra_align = align
             if align.caches is not None:
+                # The training cache does not hold held-out images: encode them on the fly.
                 with torch.random.fork_rng(devices=[]):  # its throwaway heads must not move the global RNG
-                    self._ra_align = AlignmentTargets(replace(align.options, feature_cache=None), self.cfg, self.model).to(self.device)
-                self._ra_align.projectors = align.projectors
-        _, ra = block_states(self.ema, self.objective, self.cfg, self._ra_images, (t,), align.depth, self._ra_align, self.cfg.eval.seed)
+                    self.ra_align = AlignmentTargets(replace(align.options, feature_cache=None), self.cfg, self.model).to(self.device)
+                self.ra_align.projectors = align.projectors
+        _, ra = block_states(self.ema, self.objective, self.cfg, self.ra_images, (t,), align.depth, self.ra_align, self.cfg.eval.seed)
         return ra[t]
 
     # ------------------------------------------------------------ the loop
