@@ -3,7 +3,7 @@ import json
 import pytest
 
 from vrpo.config import ConfigError
-from vrpo.study import load_study, mean_ci, run_study
+from vrpo.study import load_study, mean_ci, run_study, steps_to_reach
 
 pytest.importorskip("efficientnet_lite_pytorch")
 
@@ -13,7 +13,7 @@ def _root(monkeypatch, request):
     monkeypatch.chdir(request.config.rootpath)
 
 
-def write_study(tmp_path, methods):
+def write_study(tmp_path, methods, **extra):
     tiny = [
         "data.name=digits", "data.limit=40", "model.arch=SiT-T/8", "train.batch_size=8", "train.threads=1",
         "train.progress=false", "train.tensorboard=false", "sampler.steps=2", "train.sample_grid=4",
@@ -24,6 +24,7 @@ def write_study(tmp_path, methods):
     study = {
         "name": "tiny", "out": str(tmp_path / "runs"), "report": str(tmp_path / "report.md"),
         "base": "configs/fmnist/repa-t2.yaml", "set": tiny, "baseline": "sit", "seeds": [0, 1], "methods": methods,
+        "index": str(tmp_path / "results.md"), **extra,
     }
     path = tmp_path / "study.yaml"
     path.write_text(json.dumps(study))
@@ -35,7 +36,7 @@ def test_study_runs_paired_seeds_resumes_and_reports(tmp_path):
     spec = load_study(path)
     report = run_study(spec, log=lambda *_: None)
     text = report.read_text()
-    assert "| repa | 2 |" in text and "(n=2)" in text
+    assert "| repa | fid |" in text and "(n=2)" in text and "## fid against steps" in text
     assert report.with_suffix(".png").is_file()
     # paired: both methods of a seed start from the same network
     from safetensors.torch import load_file
@@ -54,11 +55,46 @@ def test_study_runs_paired_seeds_resumes_and_reports(tmp_path):
     assert any((a[k] != b[k]).any() for k in a)  # different seeds differ
 
 
+def test_study_archive_representations_speedup_and_index(tmp_path):
+    """Finished runs are archived and not redone once their run folders are gone (a new machine);
+    representation metrics include the transfer set; the index block is replaced, not appended."""
+    import shutil
+
+    (tmp_path / "results.md").write_text("# Results\n\nHand-written notes stay.\n")
+    path = write_study(tmp_path, {"sit": ["objective={name: sit}"], "repa": []}, seeds=[0, 1],
+                       metrics=["fid", "ra"], speedup={"reference": "repa", "metric": "fid"},
+                       representations={"metrics": ["ra", "cknna"], "num": 16, "transfer": "fashion-mnist"})
+    spec = load_study(path)
+    run_study(spec, log=lambda *_: None)
+    archive = tmp_path / "report" / "repa" / "seed1"
+    reps = json.loads((archive / "representations.json").read_text())
+    assert reps["in_domain"]["split"] == "test" and reps["transfer"]["dataset"] == "fashion-mnist"
+    assert -1 <= reps["transfer"]["ra"] <= 1 and reps["in_domain"]["cknna"] is not None
+    text = (tmp_path / "report.md").read_text()
+    assert "ra_retention" in text and "Speed-up against repa" in text and "s/step ratio" in text
+    shutil.rmtree(tmp_path / "runs")  # the machine was replaced: only the archive is left
+    run_study(spec, log=lambda *_: None)
+    assert not (tmp_path / "runs").exists()
+    assert (tmp_path / "report.md").read_text() == text
+    index = (tmp_path / "results.md").read_text()
+    assert index.count("<!-- study:tiny -->") == 1 and "Hand-written notes stay." in index
+
+
+def test_steps_to_reach_interpolates():
+    curve = [(100, 50.0), (200, 30.0), (300, 20.0)]
+    assert steps_to_reach(curve, 40.0) == pytest.approx(150.0)
+    assert steps_to_reach(curve, 60.0) == 100.0 and steps_to_reach(curve, 10.0) is None
+
+
 def test_bad_study_files(tmp_path):
     with pytest.raises(ConfigError, match="baseline"):
         load_study(write_study(tmp_path, {"repa": []}))
     with pytest.raises(ConfigError, match="unknown config key"):
         load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"], "repa": ["train.stepz=3"]}))
+    with pytest.raises(ConfigError, match="speedup.reference"):
+        load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]}, speedup={"reference": "vrpo"}))
+    with pytest.raises(ConfigError, match="representations key"):
+        load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]}, representations={"transfr": "digits"}))
 
 
 def test_interval_of_the_mean():

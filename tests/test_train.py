@@ -209,15 +209,19 @@ def test_evaluation_during_training_and_after_a_stop(tmp_path, tiny_overrides):
     pytest.importorskip("efficientnet_lite_pytorch")
     evals = [
         "objective.name=repa", "objective.projector_width=64", "objective.encoder_input_size=64",
-        "eval.every=2", "eval.num_samples=8", "eval.ref=digits:test", "eval.ref_num=16", "eval.ra_num=8",
+        "eval.every=1", "eval.num_samples=8", "eval.ref=digits:test", "eval.ref_num=16", "eval.ra_num=8",
+        "eval.final_num_samples=12", "eval.final_metrics=[fid, fd_encoder]",
         f"eval.cache_dir={tmp_path / 'refstats'}", "train.max_steps=2",
     ]
     cfg = load_config(str(ROOT / "configs/fmnist/repa-t2.yaml"), [*tiny_overrides, "objective.feature_cache=null", *evals])
     train(cfg, tmp_path / "run")
     metrics = tmp_path / "run/metrics.jsonl"
-    record = json.loads(metrics.read_text().splitlines()[-1])
-    assert record["step"] == 2 and record["fid"] > 0 and -1 <= record["ra"] <= 1
-    metrics.unlink()  # as if killed after the checkpoint, before the evaluation
+    first, record = (json.loads(line) for line in metrics.read_text().splitlines())
+    assert first["step"] == 1 and first["num_samples"] == 8 and "fd_efficientnet" not in first
+    # the last step gets the final evaluation: more samples, more metrics
+    assert record["step"] == 2 and record["num_samples"] == 12 and record["fd_efficientnet"] > 0
+    assert record["fid"] > 0 and -1 <= record["ra"] <= 1
+    metrics.write_text(json.dumps(first) + "\n")  # as if killed after the checkpoint, before the evaluation
     train(cfg, tmp_path / "run")
     again = json.loads(metrics.read_text().splitlines()[-1])
     assert again["step"] == 2 and again["fid"] == pytest.approx(record["fid"]) and again["ra"] == pytest.approx(record["ra"])

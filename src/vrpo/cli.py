@@ -73,7 +73,7 @@ def _eval(args) -> int:
         if args.ref is not None:
             raise suite.EvalError("--ref goes with --samples; --run evaluates on the run's own dataset (--split)")
         result = suite.evaluate_representations(
-            args.run, args.metrics or suite.RUN_METRICS, split=args.split, timesteps=args.timesteps,
+            args.run, args.metrics or suite.RUN_METRICS, split=args.split, dataset=args.dataset, timesteps=args.timesteps,
             num=args.num or 1000, probe_train=args.probe_train, which=args.weights,
             encoder_weights=args.encoder_weights, encoder_name=args.encoder, encoder_input_size=args.encoder_input_size,
             seed=args.seed, batch_size=args.batch_size, device=device,
@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default="dinov2-vitb14", help="DINOv2 model the weights belong to")
     p.add_argument("--encoder-input-size", type=int, default=224, help="run: CKNNA encoder input size")
     p.add_argument("--split", default="test", help="run: held-out split")
+    p.add_argument("--dataset", default=None, help="run: measure on another dataset (NAME or NAME:SPLIT), e.g. digits:all for transfer")
     p.add_argument("--timesteps", type=_timesteps, default=[0.25, 0.5, 0.75], help="run: noise levels t (0 data, 1 noise)")
     p.add_argument("--probe-train", type=int, default=None, help="run: train images for the linear probe (default --num)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="run: which weights")

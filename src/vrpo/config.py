@@ -115,6 +115,9 @@ class EvalConfig:
     ref: str = ""  # reference: NAME:SPLIT, npz, folder or stats file; "" = the training set's test split
     ref_num: int = 10000  # reference images (class-balanced subset when larger)
     metrics: list[str] = field(default_factory=lambda: ["fid"])  # fid, sfid, pr, fd_encoder
+    # The last step may use a costlier evaluation (curves on a cheap metric, FID at the end).
+    final_num_samples: int = 0  # 0: num_samples
+    final_metrics: list[str] = field(default_factory=list)  # empty: metrics
     ra_num: int = 500  # held-out images for RA at t = 0.5 (alignment methods); 0: off
     cache_dir: str = "~/.cache/vrpo/refstats"
     seed: int = 0
@@ -288,6 +291,7 @@ def validate(cfg: Config) -> None:
     need(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
     e = cfg.eval
     need(e.every >= 0 and e.num_samples >= 2 and e.ra_num >= 0, "eval.every, eval.num_samples (>= 2) and eval.ra_num must be non-negative")
+    need(e.final_num_samples == 0 or e.final_num_samples >= 2, "eval.final_num_samples must be 0 (= eval.num_samples) or >= 2")
     need(not (e.every and cfg.data.name == "tensors"), "eval.every needs pixel data: latent runs (data.name=tensors) have no decoder here")
     o = cfg.optim
     need(len(o.betas) == 2, "optim.betas needs two values")

@@ -3,9 +3,14 @@
 Seeds are paired: run (method, seed) trains with ``train.seed = seed``, so every method of a
 seed starts from the same weights and sees the same data order, timesteps and noise, and
 is evaluated on the same sampling noise. Each run is an ordinary run folder: an interrupted
-study resumes the unfinished run from its checkpoint and skips finished runs. The report
-(markdown with mean and 95 % interval per method, paired differences against a baseline)
-and plots are rewritten from the runs' metrics files after every run.
+study resumes the unfinished run from its checkpoint and skips finished runs.
+
+A finished run's small outputs (config, metrics, log, timing, representation metrics) are
+copied to the study's ``archive`` (in the work tree, to be committed), and a run found
+there is not redone: a study survives the loss of its run folders (a replaced machine).
+The report (markdown: final table, paired differences against the baseline with 95 %
+intervals, curves, speed-up, step time) and a PNG are rewritten after every run, and the
+study's summary block in ``index`` (docs/results.md) is replaced.
 
 Study file (YAML):
     name: regime-t4
@@ -15,6 +20,10 @@ Study file (YAML):
     set: [train.max_steps=2000, eval.every=500]   # overrides for all methods
     baseline: sit                       # paired differences are taken against it
     seeds: [0, 1, 2]
+    metric: fid                         # the headline metric (lower is better)
+    metrics: [fid, fd_efficientnet, ra] # everything the report tabulates
+    speedup: {reference: repa, metric: fd_efficientnet}  # steps to reach the reference's final value
+    representations: {metrics: [ra, cknna], num: 500, transfer: digits}  # after each run, EMA weights
     methods:                            # name -> overrides
       sit: ["objective={name: sit}"]
       repa: []
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +54,20 @@ class StudySpec:
     baseline: str = "sit"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     methods: dict = field(default_factory=dict)
-    metric: str = "fid"  # the metric compared in the report (lower is better)
+    metric: str = "fid"  # the headline metric (lower is better)
+    metrics: list[str] = field(default_factory=list)  # tabulated metrics; empty: [metric]
+    archive: str = ""  # small outputs of finished runs; "": beside the report, in a folder named after it
+    index: str = "docs/results.md"  # the study's summary block is kept up to date there; "": none
+    speedup: dict = field(default_factory=dict)  # {reference: METHOD, metric: KEY (default: metric)}
+    representations: dict = field(default_factory=dict)  # {metrics, num, timesteps, transfer: DATASET}
+
+    @property
+    def report_metrics(self) -> list[str]:
+        return list(dict.fromkeys([self.metric, *self.metrics]))
+
+
+REPRESENTATION_KEYS = {"metrics", "num", "timesteps", "transfer"}
+ARCHIVED = ("config.yaml", "metrics.jsonl", "log.jsonl", "timing.jsonl", "representations.json")
 
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
@@ -58,6 +81,12 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
         raise ConfigError("study.methods is empty: name at least one method with its overrides")
     if spec.baseline not in spec.methods:
         raise ConfigError(f"study.baseline '{spec.baseline}' is not one of the methods {sorted(spec.methods)}")
+    if spec.speedup and spec.speedup.get("reference") not in spec.methods:
+        raise ConfigError(f"study.speedup.reference must be one of the methods {sorted(spec.methods)}, got {spec.speedup.get('reference')!r}")
+    if set(spec.speedup) - {"reference", "metric"}:
+        raise ConfigError(f"unknown study.speedup key(s) {sorted(set(spec.speedup) - {'reference', 'metric'})}: use reference, metric")
+    if set(spec.representations) - REPRESENTATION_KEYS:
+        raise ConfigError(f"unknown study.representations key(s) {sorted(set(spec.representations) - REPRESENTATION_KEYS)}: use {sorted(REPRESENTATION_KEYS)}")
     for name in spec.methods:
         method_config(spec, name, spec.seeds[0])  # validate every method before any compute
     return spec
@@ -72,6 +101,24 @@ def method_config(spec: StudySpec, method: str, seed: int):
 
 def run_dir(spec: StudySpec, method: str, seed: int) -> Path:
     return Path(spec.out).expanduser() / method / f"seed{seed}"
+
+
+def archive_dir(spec: StudySpec, method: str, seed: int) -> Path:
+    root = Path(spec.archive) if spec.archive else Path(spec.report).with_suffix("")
+    return root / method / f"seed{seed}"
+
+
+def archived_final_step(folder: Path) -> int | None:
+    """The step of a finished run's archive (its timing file is written last), None when incomplete."""
+    if not (folder / "timing.jsonl").is_file() or not (folder / "config.yaml").is_file():
+        return None
+    return int(yaml.safe_load((folder / "config.yaml").read_text())["train"]["max_steps"])
+
+
+def source_dir(spec: StudySpec, method: str, seed: int) -> Path:
+    """Where a run's numbers are read from: its archive once finished, else its run folder."""
+    archived = archive_dir(spec, method, seed)
+    return archived if archived_final_step(archived) is not None else run_dir(spec, method, seed)
 
 
 def ensure_feature_cache(cfg) -> None:
@@ -100,15 +147,20 @@ def run_study(spec: StudySpec, log=print) -> Path:
     for seed in spec.seeds:  # seed-major: a partial study already holds complete pairs
         for method in spec.methods:
             cfg = method_config(spec, method, seed)
+            if archived_final_step(archive_dir(spec, method, seed)) == cfg.train.max_steps:
+                continue
             folder = run_dir(spec, method, seed)
             done = latest_checkpoint(folder) if folder.exists() else None
-            if done is not None and done.step >= cfg.train.max_steps:
-                continue
-            log(f"[study {spec.name}] {method} seed {seed} -> {folder}")
-            ensure_feature_cache(cfg)
-            start = time.time()
-            train(cfg, folder)
-            _append_timing(folder, time.time() - start)
+            if done is None or done.step < cfg.train.max_steps or not (folder / "timing.jsonl").is_file():
+                log(f"[study {spec.name}] {method} seed {seed} -> {folder}")
+                ensure_feature_cache(cfg)
+                start = time.time()
+                train(cfg, folder)
+                _append_timing(folder, time.time() - start)
+            if spec.representations:
+                log(f"[study {spec.name}] representations of {method} seed {seed}")
+                measure_representations(spec, folder)
+            archive_run(folder, archive_dir(spec, method, seed))
             write_report(spec)
     return write_report(spec)
 
@@ -116,6 +168,32 @@ def run_study(spec: StudySpec, log=print) -> Path:
 def _append_timing(folder: Path, seconds: float) -> None:
     with open(folder / "timing.jsonl", "a") as f:
         f.write(json.dumps({"wall_s": seconds, "at": time.time()}) + "\n")
+
+
+def measure_representations(spec: StudySpec, folder: Path) -> dict:
+    """RA / CKNNA of the EMA weights on held-out in-domain images and, with ``transfer``, on an
+    out-of-domain set (RA retention = transfer RA / in-domain RA); kept in representations.json."""
+    from vrpo.eval.suite import evaluate_representations
+
+    path = folder / "representations.json"
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    opts = spec.representations
+    kwargs = dict(metrics=opts.get("metrics", ["ra", "cknna"]), num=int(opts.get("num", 500)),
+                  timesteps=tuple(opts.get("timesteps", [0.5])))
+    domains = {"in_domain": None, **({"transfer": opts["transfer"]} if opts.get("transfer") else {})}
+    for key, dataset in domains.items():
+        if key not in result:
+            result[key] = evaluate_representations(folder, dataset=dataset, **kwargs)
+            path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def archive_run(folder: Path, archive: Path) -> None:
+    """Copy a finished run's small outputs to the archive (timing last: it marks the copy complete)."""
+    archive.mkdir(parents=True, exist_ok=True)
+    for name in sorted(ARCHIVED, key=lambda n: n == "timing.jsonl"):
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, archive / name)
 
 
 # ---------------------------------------------------------------- statistics
@@ -145,45 +223,209 @@ def read_metrics(folder: Path) -> dict[int, dict]:
     return {int(r["step"]): r for r in read_log(folder / "metrics.jsonl")}
 
 
-def collect(spec: StudySpec) -> dict[str, dict[int, dict[int, dict]]]:
-    """method -> seed -> step -> metrics record."""
-    return {m: {s: read_metrics(run_dir(spec, m, s)) for s in spec.seeds} for m in spec.methods}
+@dataclass
+class RunRecord:
+    """What the report needs of one (method, seed) run."""
+
+    metrics: dict[int, dict]  # step -> evaluation record
+    seconds_per_step: float | None  # median over the training log's windows
+    wall_s: float  # training wall time (sum over interruptions)
+    representations: dict  # in_domain / transfer -> evaluate_representations result
+
+    def value(self, key: str, step: int | None = None):
+        """An evaluation metric at ``step`` (default: the last step that has it), or a representation
+        metric: ``ra``, ``cknna`` (in-domain), ``transfer_ra``, ``ra_retention`` (transfer / in-domain RA)."""
+        rep_in, rep_out = self.representations.get("in_domain", {}), self.representations.get("transfer", {})
+        derived = {"transfer_ra": rep_out.get("ra"), "transfer_cknna": rep_out.get("cknna"),
+                   "ra_retention": 100.0 * rep_out["ra"] / rep_in["ra"] if rep_out.get("ra") and rep_in.get("ra") else None}
+        if key in derived:
+            return derived[key] if step is None else None
+        if step is None:
+            if key in ("ra", "cknna") and rep_in.get(key) is not None:
+                return rep_in[key]
+            steps = [st for st, r in self.metrics.items() if r.get(key) is not None]
+            return self.metrics[max(steps)][key] if steps else None
+        return self.metrics.get(step, {}).get(key)
+
+    def curve(self, key: str) -> list[tuple[int, float]]:
+        return sorted((st, r[key]) for st, r in self.metrics.items() if r.get(key) is not None)
+
+
+def read_run(folder: Path, batch_size: int) -> RunRecord:
+    from vrpo.train.logging import read_log
+
+    rates = [r["images_per_s"] for r in read_log(folder / "log.jsonl") if r.get("images_per_s")]
+    reps = folder / "representations.json"
+    return RunRecord(
+        metrics=read_metrics(folder),
+        seconds_per_step=batch_size / float(np.median(rates)) if rates else None,
+        wall_s=sum(r.get("wall_s", 0.0) for r in read_log(folder / "timing.jsonl")),
+        representations=json.loads(reps.read_text()) if reps.is_file() else {},
+    )
+
+
+def collect(spec: StudySpec) -> dict[str, dict[int, RunRecord]]:
+    """method -> seed -> run record."""
+    out: dict[str, dict[int, RunRecord]] = {}
+    for m in spec.methods:
+        batch = method_config(spec, m, spec.seeds[0]).train.batch_size
+        out[m] = {s: read_run(source_dir(spec, m, s), batch) for s in spec.seeds}
+    return out
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """First step where a lower-is-better curve reaches ``target`` (linear between evaluations)."""
+    prev = None
+    for step, value in curve:
+        if value <= target:
+            if prev is None:
+                return float(step)
+            (s0, v0) = prev
+            return s0 + (step - s0) * (v0 - target) / (v0 - value) if v0 != value else float(step)
+        prev = (step, value)
+    return None
+
+
+def _fmt(mean: float, half: float, n: int, digits: int = 2) -> str:
+    if n == 0:
+        return "-"
+    return f"{mean:.{digits}f} +- {half:.{digits}f} (n={n})" if n > 1 else f"{mean:.{digits}f} (n=1)"
+
+
+def _digits(key: str) -> int:
+    return 4 if key.startswith(("ra", "cknna", "transfer")) and key != "ra_retention" else 2
+
+
+def paired(data, spec: StudySpec, method: str, key: str, step: int | None = None, reference: str | None = None) -> list[float]:
+    """Per-seed differences method - reference (default: the baseline) where both have the value."""
+    reference = reference or spec.baseline
+    out = []
+    for s in spec.seeds:
+        a, b = data[method][s].value(key, step), data[reference][s].value(key, step)
+        if a is not None and b is not None:
+            out.append(a - b)
+    return out
+
+
+def final_table(spec: StudySpec, data) -> list[str]:
+    keys = spec.report_metrics
+    if spec.representations:
+        keys += [k for k in ("ra", "cknna") if k not in keys]
+        if spec.representations.get("transfer"):
+            keys += ["transfer_ra", "ra_retention"]
+    lines = ["| method | " + " | ".join(keys) + " | s/step | training h |", "| --- |" + " --- |" * (len(keys) + 2)]
+    for m, runs in data.items():
+        cells = []
+        for k in keys:
+            vals = [v for r in runs.values() if (v := r.value(k)) is not None]
+            cells.append(_fmt(*mean_ci(vals), len(vals), _digits(k)) if vals else "-")
+        sps = [r.seconds_per_step for r in runs.values() if r.seconds_per_step]
+        cells.append(_fmt(*mean_ci(sps), len(sps), 3) if sps else "-")
+        cells.append(f"{sum(r.wall_s for r in runs.values()) / 3600:.2f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", f"Paired differences against {spec.baseline} at the final evaluation (negative = lower than {spec.baseline}; "
+              "for RA, CKNNA and retention higher is better); the interval is the 95 % Student-t interval over seeds:", "",
+              "| method | metric | mean difference | 95 % interval | seeds | interval excludes 0 |", "| --- | --- | --- | --- | --- | --- |"]
+    for m in spec.methods:
+        if m == spec.baseline:
+            continue
+        for k in keys + ["s/step"]:
+            diffs = ([data[m][s].seconds_per_step / data[spec.baseline][s].seconds_per_step for s in spec.seeds
+                      if data[m][s].seconds_per_step and data[spec.baseline][s].seconds_per_step]
+                     if k == "s/step" else paired(data, spec, m, k))
+            if not diffs:
+                continue
+            mean, half = mean_ci(diffs)
+            if k == "s/step":  # a ratio, not a difference
+                lines.append(f"| {m} | s/step ratio | x{mean:.3f} | [x{mean - half:.3f}, x{mean + half:.3f}] | {len(diffs)} | - |")
+                continue
+            d = _digits(k)
+            excludes = "yes" if len(diffs) > 1 and abs(mean) > half else "no"
+            lines.append(f"| {m} | {k} | {mean:+.{d}f} | [{mean - half:+.{d}f}, {mean + half:+.{d}f}] | {len(diffs)} | {excludes} |")
+    return lines
+
+
+def speedup_lines(spec: StudySpec, data) -> list[str]:
+    """Steps each method needs to reach the reference method's final value, as a ratio per seed."""
+    if not spec.speedup:
+        return []
+    ref, key = spec.speedup["reference"], spec.speedup.get("metric", spec.metric)
+    lines = [f"## Speed-up against {ref}'s final {key}", "",
+             f"Per seed: the step at which a method's {key} curve first reaches {ref}'s final value of that seed "
+             "(linear between evaluations); speed-up = final step / that step. 'not reached' runs are counted, not averaged.", "",
+             "| method | speed-up (mean +- 95 %) | seeds reached | per seed |", "| --- | --- | --- | --- |"]
+    for m in (m for m in spec.methods if m != ref):
+        ratios, per_seed = [], []
+        for s in spec.seeds:
+            target_curve, curve = data[ref][s].curve(key), data[m][s].curve(key)
+            if not target_curve or not curve:
+                continue
+            final_step, target = target_curve[-1]
+            reached = steps_to_reach(curve, target)
+            per_seed.append(f"{s}: " + (f"x{final_step / reached:.2f}" if reached else "not reached"))
+            if reached:
+                ratios.append(final_step / reached)
+        if per_seed:
+            cell = _fmt(*mean_ci(ratios), len(ratios)) if ratios else "-"
+            lines.append(f"| {m} | {cell} | {len(ratios)}/{len(per_seed)} | {'; '.join(per_seed)} |")
+    return lines + [""]
 
 
 def write_report(spec: StudySpec) -> Path:
     data = collect(spec)
-    metric = spec.metric
     report = Path(spec.report)
     report.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Study {spec.name}", "", f"Base config `{spec.base}`, overrides `{' '.join(spec.set)}`; seeds {spec.seeds} (paired).", ""]
-    steps = sorted({st for runs in data.values() for recs in runs.values() for st in recs})
-    lines += [f"## {metric} against steps (mean +- 95 % interval over seeds; n = seeds measured)", ""]
-    lines += ["| step | " + " | ".join(spec.methods) + " |", "| --- |" + " --- |" * len(spec.methods)]
-    for st in steps:
-        cells = []
-        for m in spec.methods:
-            vals = [recs[st][metric] for recs in data[m].values() if st in recs and recs[st].get(metric) is not None]
-            mean, half = mean_ci(vals) if vals else (float("nan"), float("nan"))
-            cells.append(f"{mean:.2f} +- {half:.2f} (n={len(vals)})" if vals else "-")
-        lines.append(f"| {st} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Paired differences against {spec.baseline} at each step ({metric}; negative = better than {spec.baseline})", ""]
-    lines += ["| method | step | mean difference | 95 % interval | seeds | interval excludes 0 |", "| --- | --- | --- | --- | --- | --- |"]
-    for m in spec.methods:
-        if m == spec.baseline:
+    hours = sum(r.wall_s for runs in data.values() for r in runs.values()) / 3600
+    head = [f"# Study {spec.name}", "",
+            f"Base config `{spec.base}`, overrides `{' '.join(spec.set)}`; seeds {spec.seeds} (paired); "
+            f"training wall time of the runs so far: {hours:.2f} h.", "",
+            "## Final evaluation (mean +- 95 % interval over seeds; n = seeds measured)", ""]
+    summary = final_table(spec, data)
+    lines = head + summary + [""] + speedup_lines(spec, data)
+    for key in spec.report_metrics:
+        steps = sorted({st for runs in data.values() for r in runs.values() for st, _ in r.curve(key)})
+        if not steps:
             continue
+        lines += [f"## {key} against steps", "", "| step | " + " | ".join(spec.methods) + " | "
+                  + " | ".join(f"{m} - {spec.baseline}" for m in spec.methods if m != spec.baseline) + " |",
+                  "| --- |" + " --- |" * (2 * len(spec.methods) - 1)]
         for st in steps:
-            diffs = [data[m][s][st][metric] - data[spec.baseline][s][st][metric] for s in spec.seeds
-                     if st in data[m][s] and st in data[spec.baseline][s]
-                     and data[m][s][st].get(metric) is not None and data[spec.baseline][s][st].get(metric) is not None]
-            if not diffs:
-                continue
-            mean, half = mean_ci(diffs)
-            excludes = "yes" if len(diffs) > 1 and abs(mean) > half else "no"
-            lines.append(f"| {m} | {st} | {mean:+.2f} | [{mean - half:+.2f}, {mean + half:+.2f}] | {len(diffs)} | {excludes} |")
-    lines += ["", "Per-run metrics: `metrics.jsonl` in each run folder under the study's `out`."]
+            cells = []
+            for m in spec.methods:
+                vals = [v for r in data[m].values() if (v := r.value(key, st)) is not None]
+                cells.append(_fmt(*mean_ci(vals), len(vals), _digits(key)))
+            for m in spec.methods:
+                if m != spec.baseline:
+                    diffs = paired(data, spec, m, key, st)
+                    mean, half = mean_ci(diffs) if diffs else (0.0, 0.0)
+                    cells.append(f"{mean:+.{_digits(key)}f} [{mean - half:+.{_digits(key)}f}, {mean + half:+.{_digits(key)}f}]"
+                                 if len(diffs) > 1 else (f"{mean:+.{_digits(key)}f} (n=1)" if diffs else "-"))
+            lines.append(f"| {st} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Per-run files: the archive beside this report (config, metrics.jsonl, log.jsonl, representations.json).",
+              "Regenerate with `vrpo study --config STUDY.yaml --report-only`."]
     report.write_text("\n".join(lines) + "\n")
     _plot(spec, data, report.with_suffix(".png"))
+    if spec.index:
+        update_index(Path(spec.index), spec, summary, report)
     return report
+
+
+def update_index(index: Path, spec: StudySpec, summary: list[str], report: Path) -> None:
+    """Replace (or append) this study's block in the results index; the rest of the file is left as written."""
+    begin, end = f"<!-- study:{spec.name} -->", f"<!-- /study:{spec.name} -->"
+    try:
+        link = report.resolve().relative_to(index.resolve().parent)
+    except ValueError:
+        link = report
+    block = "\n".join([begin, f"### Study `{spec.name}` ([report]({link}))", "", *summary, "", end])
+    text = index.read_text() if index.is_file() else "# Results\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_text(text)
 
 
 def _plot(spec: StudySpec, data, out: Path) -> None:
@@ -192,21 +434,25 @@ def _plot(spec: StudySpec, data, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m, runs in data.items():
-        steps = sorted({st for recs in runs.values() for st in recs})
-        stats = [mean_ci([r[st][spec.metric] for r in runs.values() if st in r and r[st].get(spec.metric) is not None]) for st in steps]
-        if not steps:
-            continue
-        mean = np.array([s[0] for s in stats])
-        half = np.nan_to_num(np.array([s[1] for s in stats]))
-        ax.plot(steps, mean, marker="o", label=m)
-        ax.fill_between(steps, mean - half, mean + half, alpha=0.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel(spec.metric)
-    ax.set_title(spec.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    keys = [k for k in spec.report_metrics if any(r.curve(k) for runs in data.values() for r in runs.values())]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for m, runs in data.items():
+            steps = sorted({st for r in runs.values() for st, _ in r.curve(key)})
+            if not steps:
+                continue
+            stats = [mean_ci([v for r in runs.values() if (v := r.value(key, st)) is not None]) for st in steps]
+            mean = np.array([s[0] for s in stats])
+            half = np.nan_to_num(np.array([s[1] for s in stats]))
+            ax.plot(steps, mean, marker="o", label=m)
+            ax.fill_between(steps, mean - half, mean + half, alpha=0.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{spec.name} (mean, 95 % interval over seeds {spec.seeds})")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

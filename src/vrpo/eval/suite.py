@@ -431,6 +431,7 @@ def evaluate_representations(
     metrics: str | Sequence[str] = RUN_METRICS,
     *,
     split: str = "test",
+    dataset: str | None = None,
     timesteps: Sequence[float] = (0.25, 0.5, 0.75),
     num: int = 1000,
     probe_train: int | None = None,
@@ -448,6 +449,8 @@ def evaluate_representations(
     RA uses the run's own projector and encoder targets; CKNNA compares with the global
     features of ``encoder`` (default: efficientnet-lite0 at 224, the same for every run so
     that runs are comparable); the probe trains on ``probe_train`` (default ``num``) train images.
+    ``dataset`` ("NAME" or "NAME:SPLIT") measures on another dataset than the run's (transfer,
+    e.g. "digits:all" for a Fashion-MNIST run); its images are resized to the run's resolution.
     """
     from vrpo.objectives import build_objective
     from vrpo.objectives.alignment import default_encoder_depth
@@ -461,7 +464,12 @@ def evaluate_representations(
     cfg, model, step = load_run_model(run_dir, which, device)
     if cfg.data.name == "tensors":
         raise EvalError("representation metrics need pixel images; this run trains on latents (data.name=tensors)")
-    held_out = balanced_subset(load_split(cfg.data.name, split, cfg.data.root, cfg.data.resolution), num, seed)
+    name, _, other_split = (dataset or cfg.data.name).partition(":")
+    split = other_split or split
+    root = cfg.data.root if name == cfg.data.name else None  # a user's copy elsewhere: $VRPO_DATA_ROOT
+    held_out = balanced_subset(load_split(name, split, root, cfg.data.resolution), num, seed)
+    if held_out.images.shape[1] != model.in_channels:
+        raise EvalError(f"{name}:{split} has {held_out.images.shape[1]} channel(s), the run's model takes {model.in_channels}")
     if hasattr(cfg.objective, "feature_cache"):  # held-out images are not in the training cache
         cfg = replace(cfg, objective=replace(cfg.objective, feature_cache=None))
     objective = build_objective(cfg, model, held_out).to(device)
@@ -475,7 +483,7 @@ def evaluate_representations(
 
     result: dict[str, Any] = {
         "run": str(run_dir), "step": step, "weights": which, "objective": cfg.objective.name,
-        "split": split, "num": len(held_out), "depth": depth, "timesteps": list(timesteps),
+        "dataset": name, "split": split, "num": len(held_out), "depth": depth, "timesteps": list(timesteps),
     }
     need_ra = "ra" in metrics and align is not None
     features, ra = block_states(model, objective, cfg, held_out.images, timesteps, depth, align if need_ra else None, seed, batch_size)
@@ -495,7 +503,7 @@ def evaluate_representations(
             result.update({f"cknna@{t:g}": _finite_or_none(v) for t, v in values.items()})
             result["cknna"] = _finite_or_none(float(np.mean(list(values.values()))))
         if "probe" in metrics:
-            train = balanced_subset(load_split(cfg.data.name, "train", cfg.data.root, cfg.data.resolution), probe_train or num, seed + 1)
+            train = balanced_subset(load_split(name, "train", root, cfg.data.resolution), probe_train or num, seed + 1)
             train_features, _ = block_states(model, objective, cfg, train.images, timesteps, depth, None, seed + 1, batch_size)
             values = {t: linear_probe_accuracy(train_features[t], train.labels, features[t], held_out.labels) for t in timesteps}
             result["probe_train"] = len(train)

@@ -270,8 +270,11 @@ class Trainer:
         if align is not None and e.ra_num:
             extra["ra"] = self.held_out_ra(align)
         ref = e.ref or f"{self.cfg.data.name}:test"
+        final = self.step == self.cfg.train.max_steps
+        num = e.final_num_samples if final and e.final_num_samples else e.num_samples
+        metrics = e.final_metrics if final and e.final_metrics else e.metrics
         record = evaluate_during_training(
-            self.run_dir, self.ema, self.cfg, self.step, e.num_samples, ref, metrics=e.metrics, seed=e.seed,
+            self.run_dir, self.ema, self.cfg, self.step, num, ref, metrics=metrics, seed=e.seed,
             ref_num=e.ref_num, cache_dir=e.cache_dir, extractors=self.extractors, extra=extra,
         )
         print(f"step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
