@@ -62,7 +62,8 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
 
     (tmp_path / "results.md").write_text("# Results\n\nHand-written notes stay.\n")
     path = write_study(tmp_path, {"sit": ["objective={name: sit}"], "repa": []}, seeds=[0, 1],
-                       metrics=["fid", "ra"], speedup={"reference": "repa", "metric": "fid"},
+                       metrics=["fid", "fid_12", "ra"], speedup={"reference": "repa", "metric": "fid"},
+                       final={"num_samples": 12, "metrics": ["fid"]},
                        representations={"metrics": ["ra", "cknna"], "num": 16, "transfer": "fashion-mnist"})
     spec = load_study(path)
     run_study(spec, log=lambda *_: None)
@@ -72,6 +73,9 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
     assert -1 <= reps["transfer"]["ra"] <= 1 and reps["in_domain"]["cknna"] is not None
     text = (tmp_path / "report.md").read_text()
     assert "ra_retention" in text and "Speed-up against repa" in text and "s/step ratio" in text
+    final = json.loads((archive / "final_eval.json").read_text())
+    assert final["step"] == 2 and final["num_samples_12"] == 12 and final["fid_12"] > 0
+    assert "| repa | fid_12 |" in text
     shutil.rmtree(tmp_path / "runs")  # the machine was replaced: only the archive is left
     run_study(spec, log=lambda *_: None)
     assert not (tmp_path / "runs").exists()
@@ -95,6 +99,8 @@ def test_bad_study_files(tmp_path):
         load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]}, speedup={"reference": "vrpo"}))
     with pytest.raises(ConfigError, match="representations key"):
         load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]}, representations={"transfr": "digits"}))
+    with pytest.raises(ConfigError, match="study.final"):
+        load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]}, final={"num": 5000}))
 
 
 def test_interval_of_the_mean():

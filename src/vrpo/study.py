@@ -60,6 +60,7 @@ class StudySpec:
     index: str = "docs/results.md"  # the study's summary block is kept up to date there; "": none
     speedup: dict = field(default_factory=dict)  # {reference: METHOD, metric: KEY (default: metric)}
     representations: dict = field(default_factory=dict)  # {metrics, num, timesteps, transfer: DATASET}
+    final: dict = field(default_factory=dict)  # {num_samples, metrics}: a larger evaluation of the final EMA weights
 
     @property
     def report_metrics(self) -> list[str]:
@@ -67,7 +68,8 @@ class StudySpec:
 
 
 REPRESENTATION_KEYS = {"metrics", "num", "timesteps", "transfer"}
-ARCHIVED = ("config.yaml", "metrics.jsonl", "log.jsonl", "timing.jsonl", "representations.json")
+FINAL_KEYS = {"num_samples", "metrics"}
+ARCHIVED = ("config.yaml", "metrics.jsonl", "log.jsonl", "timing.jsonl", "representations.json", "final_eval.json")
 
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
@@ -85,6 +87,8 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
         raise ConfigError(f"study.speedup.reference must be one of the methods {sorted(spec.methods)}, got {spec.speedup.get('reference')!r}")
     if set(spec.speedup) - {"reference", "metric"}:
         raise ConfigError(f"unknown study.speedup key(s) {sorted(set(spec.speedup) - {'reference', 'metric'})}: use reference, metric")
+    if set(spec.final) - FINAL_KEYS or (spec.final and int(spec.final.get("num_samples", 0)) < 2):
+        raise ConfigError(f"study.final takes num_samples (>= 2) and metrics, got {spec.final}")
     if set(spec.representations) - REPRESENTATION_KEYS:
         raise ConfigError(f"unknown study.representations key(s) {sorted(set(spec.representations) - REPRESENTATION_KEYS)}: use {sorted(REPRESENTATION_KEYS)}")
     for name in spec.methods:
@@ -108,9 +112,13 @@ def archive_dir(spec: StudySpec, method: str, seed: int) -> Path:
     return root / method / f"seed{seed}"
 
 
-def archived_final_step(folder: Path) -> int | None:
-    """The step of a finished run's archive (its timing file is written last), None when incomplete."""
+def archived_final_step(folder: Path, spec: StudySpec | None = None) -> int | None:
+    """The step of a finished run's archive (its timing file is written last), None when incomplete
+    (or, given ``spec``, when it lacks the study's representation or final evaluation)."""
     if not (folder / "timing.jsonl").is_file() or not (folder / "config.yaml").is_file():
+        return None
+    if spec is not None and ((spec.representations and not (folder / "representations.json").is_file())
+                             or (spec.final and not (folder / "final_eval.json").is_file())):
         return None
     return int(yaml.safe_load((folder / "config.yaml").read_text())["train"]["max_steps"])
 
@@ -147,7 +155,7 @@ def run_study(spec: StudySpec, log=print) -> Path:
     for seed in spec.seeds:  # seed-major: a partial study already holds complete pairs
         for method in spec.methods:
             cfg = method_config(spec, method, seed)
-            if archived_final_step(archive_dir(spec, method, seed)) == cfg.train.max_steps:
+            if archived_final_step(archive_dir(spec, method, seed), spec) == cfg.train.max_steps:
                 continue
             folder = run_dir(spec, method, seed)
             done = latest_checkpoint(folder) if folder.exists() else None
@@ -160,6 +168,9 @@ def run_study(spec: StudySpec, log=print) -> Path:
             if spec.representations:
                 log(f"[study {spec.name}] representations of {method} seed {seed}")
                 measure_representations(spec, folder)
+            if spec.final:
+                log(f"[study {spec.name}] final evaluation of {method} seed {seed}")
+                final_evaluation(spec, cfg, folder)
             archive_run(folder, archive_dir(spec, method, seed))
             write_report(spec)
     return write_report(spec)
@@ -186,6 +197,31 @@ def measure_representations(spec: StudySpec, folder: Path) -> dict:
             result[key] = evaluate_representations(folder, dataset=dataset, **kwargs)
             path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def final_suffix(num_samples: int) -> str:
+    return f"_{num_samples // 1000}k" if num_samples % 1000 == 0 else f"_{num_samples}"
+
+
+def final_evaluation(spec: StudySpec, cfg, folder: Path) -> dict:
+    """Sample metrics of the final EMA weights on ``final.num_samples`` images, kept in final_eval.json
+    with keys suffixed by the sample count (fid_5k). Samples are kept in parts: a stop resumes."""
+    from vrpo.eval.suite import evaluate_samples, metrics_record
+    from vrpo.sample import sample_run
+
+    path = folder / "final_eval.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    num, e = int(spec.final["num_samples"]), cfg.eval
+    samples = sample_run(folder, num, folder / f"final_samples_{num}.npz", seed=e.seed, progress=False)
+    ref = e.ref or f"{cfg.data.name}:test"
+    result = evaluate_samples(samples, ref, spec.final.get("metrics", ["fid"]), ref_num=e.ref_num, cache_dir=e.cache_dir,
+                              data_root=cfg.data.root if ref.partition(":")[0] == cfg.data.name else None)
+    record = metrics_record(cfg.train.max_steps, result)
+    suffix = final_suffix(num)
+    record = {("step" if k == "step" else k + suffix): v for k, v in record.items() if isinstance(v, (int, float)) or k == "step"}
+    path.write_text(json.dumps(record, indent=1))
+    return record
 
 
 def archive_run(folder: Path, archive: Path) -> None:
@@ -255,9 +291,13 @@ def read_run(folder: Path, batch_size: int) -> RunRecord:
     from vrpo.train.logging import read_log
 
     rates = [r["images_per_s"] for r in read_log(folder / "log.jsonl") if r.get("images_per_s")]
-    reps = folder / "representations.json"
+    reps, final = folder / "representations.json", folder / "final_eval.json"
+    metrics = read_metrics(folder)
+    if final.is_file():
+        record = json.loads(final.read_text())
+        metrics.setdefault(int(record["step"]), {}).update(record)
     return RunRecord(
-        metrics=read_metrics(folder),
+        metrics=metrics,
         seconds_per_step=batch_size / float(np.median(rates)) if rates else None,
         wall_s=sum(r.get("wall_s", 0.0) for r in read_log(folder / "timing.jsonl")),
         representations=json.loads(reps.read_text()) if reps.is_file() else {},
