@@ -18,7 +18,7 @@ def write_study(tmp_path, methods, **extra):
         "data.name=digits", "data.limit=40", "model.arch=SiT-T/8", "train.batch_size=8", "train.threads=1",
         "train.progress=false", "train.tensorboard=false", "sampler.steps=2", "train.sample_grid=4",
         "objective.projector_width=64", "objective.encoder_input_size=64",
-        f"objective.feature_cache={tmp_path / 'cache'}", "train.max_steps=2", "eval.every=2", "eval.num_samples=8",
+        f"objective.feature_cache={tmp_path / 'cache'}", "train.max_steps=2", "train.log_every=1", "eval.every=2", "eval.num_samples=8",
         "eval.ref=digits:test", "eval.ref_num=16", "eval.ra_num=8", f"eval.cache_dir={tmp_path / 'refstats'}",
     ]
     study = {
@@ -62,7 +62,7 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
 
     (tmp_path / "results.md").write_text("# Results\n\nHand-written notes stay.\n")
     path = write_study(tmp_path, {"sit": ["objective={name: sit}"], "repa": []}, seeds=[0, 1],
-                       metrics=["fid", "fid_12", "ra"], speedup={"reference": "repa", "metric": "fid"},
+                       metrics=["fid", "fid_12", "ra", "var:loss"], speedup={"reference": "repa", "metric": "fid"},
                        final={"num_samples": 12, "metrics": ["fid"]},
                        representations={"metrics": ["ra", "cknna"], "num": 16, "transfer": "fashion-mnist"})
     spec = load_study(path)
@@ -75,7 +75,7 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
     assert "ra_retention" in text and "Speed-up against repa" in text and "s/step ratio" in text
     final = json.loads((archive / "final_eval.json").read_text())
     assert final["step"] == 2 and final["num_samples_12"] == 12 and final["fid_12"] > 0
-    assert "| repa | fid_12 |" in text
+    assert "| repa | fid_12 |" in text and "| repa | var:loss |" in text
     shutil.rmtree(tmp_path / "runs")  # the machine was replaced: only the archive is left
     run_study(spec, log=lambda *_: None)
     assert not (tmp_path / "runs").exists()

@@ -267,10 +267,16 @@ class RunRecord:
     seconds_per_step: float | None  # median over the training log's windows
     wall_s: float  # training wall time (sum over interruptions)
     representations: dict  # in_domain / transfer -> evaluate_representations result
+    log: list[dict] = field(default_factory=list)  # the training log's records
 
     def value(self, key: str, step: int | None = None):
-        """An evaluation metric at ``step`` (default: the last step that has it), or a representation
-        metric: ``ra``, ``cknna`` (in-domain), ``transfer_ra``, ``ra_retention`` (transfer / in-domain RA)."""
+        """An evaluation metric at ``step`` (default: the last step that has it), a representation
+        metric: ``ra``, ``cknna`` (in-domain), ``transfer_ra``, ``ra_retention`` (transfer / in-domain RA),
+        or ``var:KEY``: the variance of a logged training quantity over the second half of training."""
+        if key.startswith("var:"):
+            last = max((r["step"] for r in self.log), default=0)
+            values = [r[key[4:]] for r in self.log if r["step"] >= last / 2 and r.get(key[4:]) is not None]
+            return float(np.var(values, ddof=1)) if step is None and len(values) > 1 else None
         rep_in, rep_out = self.representations.get("in_domain", {}), self.representations.get("transfer", {})
         derived = {"transfer_ra": rep_out.get("ra"), "transfer_cknna": rep_out.get("cknna"),
                    "ra_retention": 100.0 * rep_out["ra"] / rep_in["ra"] if rep_out.get("ra") and rep_in.get("ra") else None}
@@ -290,7 +296,8 @@ class RunRecord:
 def read_run(folder: Path, batch_size: int) -> RunRecord:
     from vrpo.train.logging import read_log
 
-    rates = [r["images_per_s"] for r in read_log(folder / "log.jsonl") if r.get("images_per_s")]
+    log = read_log(folder / "log.jsonl")
+    rates = [r["images_per_s"] for r in log if r.get("images_per_s")]
     reps, final = folder / "representations.json", folder / "final_eval.json"
     metrics = read_metrics(folder)
     if final.is_file():
@@ -301,6 +308,7 @@ def read_run(folder: Path, batch_size: int) -> RunRecord:
         seconds_per_step=batch_size / float(np.median(rates)) if rates else None,
         wall_s=sum(r.get("wall_s", 0.0) for r in read_log(folder / "timing.jsonl")),
         representations=json.loads(reps.read_text()) if reps.is_file() else {},
+        log=log,
     )
 
 
@@ -333,6 +341,8 @@ def _fmt(mean: float, half: float, n: int, digits: int = 2) -> str:
 
 
 def _digits(key: str) -> int:
+    if key.startswith("var:"):
+        return 6
     return 4 if key.startswith(("ra", "cknna", "transfer")) and key != "ra_retention" else 2
 
 
