@@ -99,6 +99,8 @@ def test_bad_study_files(tmp_path):
         load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]}, speedup={"reference": "vrpo"}))
     with pytest.raises(ConfigError, match="representations key"):
         load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]}, representations={"transfr": "digits"}))
+    with pytest.raises(ConfigError, match="not in the study's seeds"):
+        run_study(load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]})), only_seeds=[7])
     with pytest.raises(ConfigError, match="study.final"):
         load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]}, final={"num": 5000}))
 

@@ -117,7 +117,7 @@ def _study(args) -> int:
     from vrpo.study import load_study, run_study, write_report
 
     spec = load_study(args.config, args.set)
-    report = write_report(spec) if args.report_only else run_study(spec)
+    report = write_report(spec) if args.report_only else run_study(spec, only_seeds=args.seeds)
     print(f"report: {report} (plot: {report.with_suffix('.png')})")
     return 0
 
@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="study YAML, e.g. configs/study/fmnist.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from finished evaluations")
+    p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                   help="run only these of the study's seeds now (e.g. 0,1); the report covers all")
     p.set_defaults(func=_study)
 
     p = sub.add_parser("eval", help="sample metrics (FID, sFID, precision/recall, FD-encoder) or a run's representation metrics; prints one JSON object")

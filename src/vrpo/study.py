@@ -148,11 +148,15 @@ def ensure_feature_cache(cfg) -> None:
         build_cache(folder, encoder, data)
 
 
-def run_study(spec: StudySpec, log=print) -> Path:
+def run_study(spec: StudySpec, log=print, only_seeds=None) -> Path:
     from vrpo.train import train
     from vrpo.train.checkpoint import latest_checkpoint
 
+    if only_seeds is not None and set(only_seeds) - set(spec.seeds):
+        raise ConfigError(f"--seeds {sorted(set(only_seeds) - set(spec.seeds))} not in the study's seeds {spec.seeds}")
     for seed in spec.seeds:  # seed-major: a partial study already holds complete pairs
+        if only_seeds is not None and seed not in only_seeds:
+            continue
         for method in spec.methods:
             cfg = method_config(spec, method, seed)
             if archived_final_step(archive_dir(spec, method, seed), spec) == cfg.train.max_steps:
