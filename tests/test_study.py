@@ -84,6 +84,19 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
     assert index.count("<!-- study:tiny -->") == 1 and "Hand-written notes stay." in index
 
 
+def test_study_extends_another(tmp_path):
+    parent = write_study(tmp_path, {"sit": ["objective={name: sit}"], "repa": []})
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {parent}\nname: child\nset: [train.max_steps=3]\nseeds: [4]\n")
+    spec = load_study(child)
+    assert spec.name == "child" and spec.seeds == [4] and spec.set[-1] == "train.max_steps=3"
+    assert "data.name=digits" in spec.set and list(spec.methods) == ["sit", "repa"]
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"extends: {loop}\n")
+    with pytest.raises(ConfigError, match="loop"):
+        load_study(loop)
+
+
 def test_steps_to_reach_interpolates():
     curve = [(100, 50.0), (200, 30.0), (300, 20.0)]
     assert steps_to_reach(curve, 40.0) == pytest.approx(150.0)

@@ -12,7 +12,7 @@ The report (markdown: final table, paired differences against the baseline with 
 intervals, curves, speed-up, step time) and a PNG are rewritten after every run, and the
 study's summary block in ``index`` (docs/results.md) is replaced.
 
-Study file (YAML):
+Study file (YAML; ``extends: OTHER.yaml`` inherits another file's keys and adds to its ``set``):
     name: regime-t4
     out: ~/vrpo-study/regime-t4        # run folders (outside the work tree)
     report: docs/results/regime-t4.md   # written with a PNG beside it
@@ -72,11 +72,28 @@ FINAL_KEYS = {"num_samples", "metrics"}
 ARCHIVED = ("config.yaml", "metrics.jsonl", "log.jsonl", "timing.jsonl", "representations.json", "final_eval.json")
 
 
-def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
-    path = Path(path)
+def read_study_tree(path: Path, chain: tuple = ()) -> dict:
+    """A study file's keys; ``extends: OTHER.yaml`` inherits another study's keys (its ``set`` is
+    extended, every other key replaced), so that a variant states only what it changes."""
     if not path.is_file():
-        raise ConfigError(f"study file {path} not found")
+        raise ConfigError(f"study file {path} not found" + (f" (extended by {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"study files extend each other in a loop: {' -> '.join(map(str, chain))} -> {path}")
     tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"study file {path} must hold a mapping of keys")
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    parent_path = Path(parent) if Path(parent).is_file() else path.parent / parent
+    merged = read_study_tree(parent_path, (*chain, path.resolve()))
+    for key, value in tree.items():
+        merged[key] = [*merged.get("set", []), *value] if key == "set" else value
+    return merged
+
+
+def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
+    tree = read_study_tree(Path(path))
     spec = build_section(StudySpec, tree, "study")
     spec.set = [*spec.set, *overrides]
     if not spec.methods:
