@@ -367,6 +367,17 @@ def _digits(key: str) -> int:
     return 4 if key.startswith(("ra", "cknna", "transfer")) and key != "ra_retention" else 2
 
 
+HIGHER_IS_BETTER = ("ra", "cknna", "probe", "transfer_", "ra_retention")
+
+
+def verdict(key: str, mean: float, half: float, n: int) -> str:
+    """Whether a paired difference is resolved by its 95 % interval, and in which direction."""
+    if n < 2 or not abs(mean) > half:
+        return "not resolved"
+    better = (mean > 0) == key.startswith(HIGHER_IS_BETTER)
+    return "better" if better else "worse"
+
+
 def paired(data, spec: StudySpec, method: str, key: str, step: int | None = None, reference: str | None = None) -> list[float]:
     """Per-seed differences method - reference (default: the baseline) where both have the value."""
     reference = reference or spec.baseline
@@ -396,7 +407,7 @@ def final_table(spec: StudySpec, data) -> list[str]:
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", f"Paired differences against {spec.baseline} at the final evaluation (negative = lower than {spec.baseline}; "
               "for RA, CKNNA and retention higher is better); the interval is the 95 % Student-t interval over seeds:", "",
-              "| method | metric | mean difference | 95 % interval | seeds | interval excludes 0 |", "| --- | --- | --- | --- | --- | --- |"]
+              "| method | metric | mean difference | 95 % interval | seeds | verdict |", "| --- | --- | --- | --- | --- | --- |"]
     for m in spec.methods:
         if m == spec.baseline:
             continue
@@ -411,8 +422,7 @@ def final_table(spec: StudySpec, data) -> list[str]:
                 lines.append(f"| {m} | s/step ratio | x{mean:.3f} | [x{mean - half:.3f}, x{mean + half:.3f}] | {len(diffs)} | - |")
                 continue
             d = _digits(k)
-            excludes = "yes" if len(diffs) > 1 and abs(mean) > half else "no"
-            lines.append(f"| {m} | {k} | {mean:+.{d}f} | [{mean - half:+.{d}f}, {mean + half:+.{d}f}] | {len(diffs)} | {excludes} |")
+            lines.append(f"| {m} | {k} | {mean:+.{d}f} | [{mean - half:+.{d}f}, {mean + half:+.{d}f}] | {len(diffs)} | {verdict(k, mean, half, len(diffs))} |")
     return lines
 
 
