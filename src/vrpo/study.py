@@ -519,6 +519,7 @@ def _plot(spec: StudySpec, data, out: Path) -> None:
     if not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
+    colors = {m: f"C{i}" for i, m in enumerate(data)}  # one colour per method in every panel
     for ax, key in zip(axes[0], keys):
         for m, runs in data.items():
             steps = sorted({st for r in runs.values() for st, _ in r.curve(key)})
@@ -527,8 +528,8 @@ def _plot(spec: StudySpec, data, out: Path) -> None:
             stats = [mean_ci([v for r in runs.values() if (v := r.value(key, st)) is not None]) for st in steps]
             mean = np.array([s[0] for s in stats])
             half = np.nan_to_num(np.array([s[1] for s in stats]))
-            ax.plot(steps, mean, marker="o", label=m)
-            ax.fill_between(steps, mean - half, mean + half, alpha=0.2)
+            ax.plot(steps, mean, marker="o", label=m, color=colors[m])
+            ax.fill_between(steps, mean - half, mean + half, alpha=0.2, color=colors[m])
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
