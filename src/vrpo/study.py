@@ -227,7 +227,7 @@ def final_suffix(num_samples: int) -> str:
 def final_evaluation(spec: StudySpec, cfg, folder: Path) -> dict:
     """Sample metrics of the final EMA weights on ``final.num_samples`` images, kept in final_eval.json
     with keys suffixed by the sample count (fid_5k). Samples are kept in parts: a stop resumes."""
-    from vrpo.eval.suite import evaluate_samples, metrics_record
+    from vrpo.eval.suite import evaluate_samples, metrics_record, reference_root, run_reference
     from vrpo.sample import sample_run
 
     path = folder / "final_eval.json"
@@ -235,12 +235,12 @@ def final_evaluation(spec: StudySpec, cfg, folder: Path) -> dict:
         return json.loads(path.read_text())
     num, e = int(spec.final["num_samples"]), cfg.eval
     samples = sample_run(folder, num, folder / f"final_samples_{num}.npz", seed=e.seed, progress=False)
-    ref = e.ref or f"{cfg.data.name}:test"
+    ref = run_reference(cfg)
     result = evaluate_samples(samples, ref, spec.final.get("metrics", ["fid"]), ref_num=e.ref_num, cache_dir=e.cache_dir,
-                              data_root=cfg.data.root if ref.partition(":")[0] == cfg.data.name else None)
-    record = metrics_record(cfg.train.max_steps, result)
+                              data_root=reference_root(cfg, ref))
     suffix = final_suffix(num)
-    record = {("step" if k == "step" else k + suffix): v for k, v in record.items() if isinstance(v, (int, float)) or k == "step"}
+    record = {k if k == "step" else k + suffix: v for k, v in metrics_record(cfg.train.max_steps, result).items()
+              if isinstance(v, (int, float))}
     path.write_text(json.dumps(record, indent=1))
     return record
 
@@ -378,12 +378,11 @@ def verdict(key: str, mean: float, half: float, n: int) -> str:
     return "better" if better else "worse"
 
 
-def paired(data, spec: StudySpec, method: str, key: str, step: int | None = None, reference: str | None = None) -> list[float]:
-    """Per-seed differences method - reference (default: the baseline) where both have the value."""
-    reference = reference or spec.baseline
+def paired(data, spec: StudySpec, method: str, key: str, step: int | None = None) -> list[float]:
+    """Per-seed differences method - baseline where both have the value."""
     out = []
     for s in spec.seeds:
-        a, b = data[method][s].value(key, step), data[reference][s].value(key, step)
+        a, b = data[method][s].value(key, step), data[spec.baseline][s].value(key, step)
         if a is not None and b is not None:
             out.append(a - b)
     return out
@@ -400,9 +399,9 @@ def final_table(spec: StudySpec, data) -> list[str]:
         cells = []
         for k in keys:
             vals = [v for r in runs.values() if (v := r.value(k)) is not None]
-            cells.append(_fmt(*mean_ci(vals), len(vals), _digits(k)) if vals else "-")
+            cells.append(_fmt(*mean_ci(vals), len(vals), _digits(k)))
         sps = [r.seconds_per_step for r in runs.values() if r.seconds_per_step]
-        cells.append(_fmt(*mean_ci(sps), len(sps), 3) if sps else "-")
+        cells.append(_fmt(*mean_ci(sps), len(sps), 3))
         cells.append(f"{sum(r.wall_s for r in runs.values()) / 3600:.2f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", f"Paired differences against {spec.baseline} at the final evaluation (negative = lower than {spec.baseline}; "
@@ -411,18 +410,17 @@ def final_table(spec: StudySpec, data) -> list[str]:
     for m in spec.methods:
         if m == spec.baseline:
             continue
-        for k in keys + ["s/step"]:
-            diffs = ([data[m][s].seconds_per_step / data[spec.baseline][s].seconds_per_step for s in spec.seeds
-                      if data[m][s].seconds_per_step and data[spec.baseline][s].seconds_per_step]
-                     if k == "s/step" else paired(data, spec, m, k))
-            if not diffs:
-                continue
-            mean, half = mean_ci(diffs)
-            if k == "s/step":  # a ratio, not a difference
-                lines.append(f"| {m} | s/step ratio | x{mean:.3f} | [x{mean - half:.3f}, x{mean + half:.3f}] | {len(diffs)} | - |")
-                continue
-            d = _digits(k)
-            lines.append(f"| {m} | {k} | {mean:+.{d}f} | [{mean - half:+.{d}f}, {mean + half:+.{d}f}] | {len(diffs)} | {verdict(k, mean, half, len(diffs))} |")
+        for k in keys:
+            diffs = paired(data, spec, m, k)
+            if diffs:
+                mean, half = mean_ci(diffs)
+                d = _digits(k)
+                lines.append(f"| {m} | {k} | {mean:+.{d}f} | [{mean - half:+.{d}f}, {mean + half:+.{d}f}] | {len(diffs)} | {verdict(k, mean, half, len(diffs))} |")
+        ratios = [data[m][s].seconds_per_step / data[spec.baseline][s].seconds_per_step for s in spec.seeds
+                  if data[m][s].seconds_per_step and data[spec.baseline][s].seconds_per_step]
+        if ratios:  # a ratio, not a difference
+            mean, half = mean_ci(ratios)
+            lines.append(f"| {m} | s/step ratio | x{mean:.3f} | [x{mean - half:.3f}, x{mean + half:.3f}] | {len(ratios)} | - |")
     return lines
 
 

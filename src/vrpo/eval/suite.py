@@ -517,6 +517,16 @@ def evaluate_representations(
 
 # ---------------------------------------------------------------- during training
 
+def run_reference(cfg) -> str:
+    """The reference a run's samples are scored against: eval.ref, or its dataset's test split."""
+    return cfg.eval.ref or f"{cfg.data.name}:test"
+
+
+def reference_root(cfg, ref: PathLike) -> str | None:
+    """The run's data root serves a reference split of the run's own dataset."""
+    return cfg.data.root if str(ref).partition(":")[0] == cfg.data.name else None
+
+
 @torch.no_grad()
 def generate_images(model, cfg, num: int, seed: int = 0, batch_size: int = 64, **sampler_overrides) -> torch.Tensor:
     """``num`` class-balanced uint8 samples [N, C, H, W], noise keyed on (seed, batch) as ``vrpo sample`` keys it."""
@@ -567,9 +577,7 @@ def evaluate_during_training(
         raise EvalError("sample metrics need pixels; latent runs would need a decoder first")
     device = str(next(model_or_ema.parameters()).device)
     images = generate_images(model_or_ema, cfg, num, seed, batch_size, **sampler_overrides)
-    # The run's data root serves a reference split of the run's own dataset.
-    data_root = cfg.data.root if str(ref).partition(":")[0] == cfg.data.name else None
-    result = evaluate_samples(images, ref, metrics, ref_num=ref_num, cache_dir=cache_dir, data_root=data_root,
+    result = evaluate_samples(images, ref, metrics, ref_num=ref_num, cache_dir=cache_dir, data_root=reference_root(cfg, ref),
                               device=device, batch_size=batch_size, extractors=extractors)
     record = {**metrics_record(step, result), **(extra or {})}
     append_record(Path(run_dir) / "metrics.jsonl", record)

@@ -262,19 +262,18 @@ class Trainer:
         """FID (and RA for alignment methods) of the EMA model at this step, into RUN/metrics.jsonl."""
         if not self.main:
             return None
-        from vrpo.eval.suite import evaluate_during_training
+        from vrpo.eval.suite import evaluate_during_training, run_reference
 
         e = self.cfg.eval
         extra = {}
         align = getattr(self.objective, "align", None)
         if align is not None and e.ra_num:
             extra["ra"] = self.held_out_ra(align)
-        ref = e.ref or f"{self.cfg.data.name}:test"
         final = self.step == self.cfg.train.max_steps
         num = e.final_num_samples if final and e.final_num_samples else e.num_samples
         metrics = e.final_metrics if final and e.final_metrics else e.metrics
         record = evaluate_during_training(
-            self.run_dir, self.ema, self.cfg, self.step, num, ref, metrics=metrics, seed=e.seed,
+            self.run_dir, self.ema, self.cfg, self.step, num, run_reference(self.cfg), metrics=metrics, seed=e.seed,
             ref_num=e.ref_num, cache_dir=e.cache_dir, extractors=self.extractors, extra=extra,
         )
         print(f"step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
