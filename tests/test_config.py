@@ -62,3 +62,31 @@ def test_every_shipped_config_loads(request):
     for path in configs:
         if "study" not in path.parts:
             load_config(path)
+
+
+def test_config_extends_another(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {SIT}\nobjective:\n  name: sit\ntrain:\n  max_steps: 7\n")
+    parent, cfg = load_config(SIT), load_config(child, ["optim.lr=2e-3"])
+    # sections merge key by key: the child's train.max_steps, the parent's batch size and model
+    assert cfg.train.max_steps == 7 and cfg.train.batch_size == parent.train.batch_size
+    assert cfg.model.arch == parent.model.arch and cfg.optim.lr == 2e-3
+    relative = tmp_path / "sub" / "relative.yaml"  # a parent path relative to the file's folder
+    relative.parent.mkdir()
+    relative.write_text("extends: ../child.yaml\ntrain:\n  batch_size: 8\n")
+    assert (load_config(relative).train.max_steps, load_config(relative).train.batch_size) == (7, 8)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"extends: {loop}\n")
+    with pytest.raises(ConfigError, match="loop"):
+        load_config(loop)
+    orphan = tmp_path / "orphan.yaml"
+    orphan.write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml not found \\(extended by"):
+        load_config(orphan)
+
+
+def test_ablation_presets_differ_from_vrpo_t2_in_one_choice():
+    base = load_config("configs/fmnist/vrpo-t2.yaml").to_dict()
+    fixed = load_config("configs/fmnist/ablations/weights-fixed.yaml").to_dict()
+    changed = {k for k in base["objective"] if base["objective"][k] != fixed["objective"][k]}
+    assert changed == {"weighting"} and {k: base[k] for k in base if k != "objective"} == {k: fixed[k] for k in fixed if k != "objective"}

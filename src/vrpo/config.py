@@ -245,18 +245,38 @@ def config_from_dict(tree: dict) -> Config:
     return cfg
 
 
+def deep_merge(base: dict, update: dict) -> dict:
+    """``update`` over ``base``: mappings merge key by key, every other value is replaced."""
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def read_yaml_tree(path: str | Path, kind: str = "config", merge=deep_merge, chain: tuple = ()) -> dict:
+    """A YAML file's mapping; ``extends: OTHER.yaml`` (relative to the working directory or to
+    this file) inherits another file's keys through ``merge``, so that a variant states only
+    what it changes."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{kind} file {path} not found" + (f" (extended by {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"{kind} files extend each other in a loop: {' -> '.join(map(str, chain))} -> {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{kind} file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{kind} file {path} must hold a mapping of keys")
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    parent_path = Path(parent) if Path(parent).is_file() else path.parent / parent
+    return merge(read_yaml_tree(parent_path, kind, merge, (*chain, path.resolve())), tree)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    tree = read_yaml_tree(path) if path is not None else {}
     for text in overrides:
         set_dotted(tree, *parse_override(text))
     return config_from_dict(tree)

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from vrpo.config import ConfigError, build_section, load_config
+from vrpo.config import ConfigError, build_section, load_config, read_yaml_tree
 
 
 @dataclass
@@ -72,28 +72,13 @@ FINAL_KEYS = {"num_samples", "metrics"}
 ARCHIVED = ("config.yaml", "metrics.jsonl", "log.jsonl", "timing.jsonl", "representations.json", "final_eval.json")
 
 
-def read_study_tree(path: Path, chain: tuple = ()) -> dict:
-    """A study file's keys; ``extends: OTHER.yaml`` inherits another study's keys (its ``set`` is
-    extended, every other key replaced), so that a variant states only what it changes."""
-    if not path.is_file():
-        raise ConfigError(f"study file {path} not found" + (f" (extended by {chain[-1]})" if chain else ""))
-    if path.resolve() in chain:
-        raise ConfigError(f"study files extend each other in a loop: {' -> '.join(map(str, chain))} -> {path}")
-    tree = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"study file {path} must hold a mapping of keys")
-    parent = tree.pop("extends", None)
-    if parent is None:
-        return tree
-    parent_path = Path(parent) if Path(parent).is_file() else path.parent / parent
-    merged = read_study_tree(parent_path, (*chain, path.resolve()))
-    for key, value in tree.items():
-        merged[key] = [*merged.get("set", []), *value] if key == "set" else value
-    return merged
+def merge_study(parent: dict, child: dict) -> dict:
+    """A study's ``set`` extends its parent's; every other key is replaced."""
+    return {**parent, **child, "set": [*parent.get("set", []), *child.get("set", [])]}
 
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
-    tree = read_study_tree(Path(path))
+    tree = read_yaml_tree(path, "study", merge_study)
     spec = build_section(StudySpec, tree, "study")
     spec.set = [*spec.set, *overrides]
     if not spec.methods:
