@@ -36,7 +36,7 @@ def test_study_runs_paired_seeds_resumes_and_reports(tmp_path):
     spec = load_study(path)
     report = run_study(spec, log=lambda *_: None)
     text = report.read_text()
-    assert "| repa | fid |" in text and "(n=2)" in text and "## fid against steps" in text
+    assert "| repa | sit | fid |" in text and "(n=2)" in text and "## fid against steps" in text
     assert report.with_suffix(".png").is_file()
     # paired: both methods of a seed start from the same network
     from safetensors.torch import load_file
@@ -63,7 +63,7 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
     (tmp_path / "results.md").write_text("# Results\n\nHand-written notes stay.\n")
     path = write_study(tmp_path, {"sit": ["objective={name: sit}"], "repa": []}, seeds=[0, 1],
                        metrics=["fid", "fid_12", "ra", "var:loss"], speedup={"reference": "repa", "metric": "fid"},
-                       final={"num_samples": 12, "metrics": ["fid"]},
+                       final={"num_samples": 12, "metrics": ["fid"]}, contrasts=[["sit", "repa"]],
                        representations={"metrics": ["ra", "cknna"], "num": 16, "transfer": "fashion-mnist"})
     spec = load_study(path)
     run_study(spec, log=lambda *_: None)
@@ -75,7 +75,8 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
     assert "ra_retention" in text and "Speed-up against repa" in text and "s/step ratio" in text
     final = json.loads((archive / "final_eval.json").read_text())
     assert final["step"] == 2 and final["num_samples_12"] == 12 and final["fid_12"] > 0
-    assert "| repa | fid_12 |" in text and "| repa | var:loss |" in text
+    assert "| repa | sit | fid_12 |" in text and "| repa | sit | var:loss |" in text
+    assert "| sit | repa | fid_12 |" in text and "| sit - repa |" in text  # a contrast beyond the baseline
     shutil.rmtree(tmp_path / "runs")  # the machine was replaced: only the archive is left
     run_study(spec, log=lambda *_: None)
     assert not (tmp_path / "runs").exists()
@@ -114,6 +115,8 @@ def test_bad_study_files(tmp_path):
         load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]}, representations={"transfr": "digits"}))
     with pytest.raises(ConfigError, match="not in the study's seeds"):
         run_study(load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]})), only_seeds=[7])
+    with pytest.raises(ConfigError, match="study.contrasts"):
+        load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"], "repa": []}, contrasts=[["repa", "vrpo"]]))
     with pytest.raises(ConfigError, match="study.final"):
         load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]}, final={"num": 5000}))
 

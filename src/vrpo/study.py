@@ -19,6 +19,7 @@ Study file (YAML; ``extends: OTHER.yaml`` inherits another file's keys and adds 
     base: configs/fmnist/repa-t4.yaml   # the config every method starts from
     set: [train.max_steps=2000, eval.every=500]   # overrides for all methods
     baseline: sit                       # paired differences are taken against it
+    contrasts: [[vrpo, repa]]           # further paired differences (method, reference)
     seeds: [0, 1, 2]
     metric: fid                         # the headline metric (lower is better)
     metrics: [fid, fd_efficientnet, ra] # everything the report tabulates
@@ -54,6 +55,7 @@ class StudySpec:
     baseline: str = "sit"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     methods: dict = field(default_factory=dict)
+    contrasts: list = field(default_factory=list)  # [[method, reference], ...] beyond those against the baseline
     metric: str = "fid"  # the headline metric (lower is better)
     metrics: list[str] = field(default_factory=list)  # tabulated metrics; empty: [metric]
     archive: str = ""  # small outputs of finished runs; "": beside the report, in a folder named after it
@@ -65,6 +67,12 @@ class StudySpec:
     @property
     def report_metrics(self) -> list[str]:
         return list(dict.fromkeys([self.metric, *self.metrics]))
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """(method, reference) of every paired difference the report takes."""
+        against_baseline = [(m, self.baseline) for m in self.methods if m != self.baseline]
+        return list(dict.fromkeys([*against_baseline, *(tuple(c) for c in self.contrasts)]))
 
 
 REPRESENTATION_KEYS = {"metrics", "num", "timesteps", "transfer"}
@@ -93,6 +101,9 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
         raise ConfigError(f"study.final takes num_samples (>= 2) and metrics, got {spec.final}")
     if set(spec.representations) - REPRESENTATION_KEYS:
         raise ConfigError(f"unknown study.representations key(s) {sorted(set(spec.representations) - REPRESENTATION_KEYS)}: use {sorted(REPRESENTATION_KEYS)}")
+    for pair in spec.contrasts:
+        if not (isinstance(pair, list) and len(pair) == 2 and set(pair) <= set(spec.methods) and pair[0] != pair[1]):
+            raise ConfigError(f"study.contrasts takes [method, reference] pairs of two different methods out of {sorted(spec.methods)}, got {pair!r}")
     for name in spec.methods:
         method_config(spec, name, spec.seeds[0])  # validate every method before any compute
     return spec
@@ -363,11 +374,11 @@ def verdict(key: str, mean: float, half: float, n: int) -> str:
     return "better" if better else "worse"
 
 
-def paired(data, spec: StudySpec, method: str, key: str, step: int | None = None) -> list[float]:
-    """Per-seed differences method - baseline where both have the value."""
+def paired(data, spec: StudySpec, method: str, key: str, step: int | None = None, reference: str | None = None) -> list[float]:
+    """Per-seed differences method - reference (default: the baseline) where both have the value."""
     out = []
     for s in spec.seeds:
-        a, b = data[method][s].value(key, step), data[spec.baseline][s].value(key, step)
+        a, b = data[method][s].value(key, step), data[reference or spec.baseline][s].value(key, step)
         if a is not None and b is not None:
             out.append(a - b)
     return out
@@ -389,23 +400,21 @@ def final_table(spec: StudySpec, data) -> list[str]:
         cells.append(_fmt(*mean_ci(sps), len(sps), 3))
         cells.append(f"{sum(r.wall_s for r in runs.values()) / 3600:.2f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", f"Paired differences against {spec.baseline} at the final evaluation (negative = lower than {spec.baseline}; "
+    lines += ["", f"Paired differences at the final evaluation, method - reference (negative = lower than the reference; "
               "for RA, CKNNA and retention higher is better); the interval is the 95 % Student-t interval over seeds:", "",
-              "| method | metric | mean difference | 95 % interval | seeds | verdict |", "| --- | --- | --- | --- | --- | --- |"]
-    for m in spec.methods:
-        if m == spec.baseline:
-            continue
+              "| method | reference | metric | mean difference | 95 % interval | seeds | verdict |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for m, ref in spec.pairs:
         for k in keys:
-            diffs = paired(data, spec, m, k)
+            diffs = paired(data, spec, m, k, reference=ref)
             if diffs:
                 mean, half = mean_ci(diffs)
                 d = _digits(k)
-                lines.append(f"| {m} | {k} | {mean:+.{d}f} | [{mean - half:+.{d}f}, {mean + half:+.{d}f}] | {len(diffs)} | {verdict(k, mean, half, len(diffs))} |")
-        ratios = [data[m][s].seconds_per_step / data[spec.baseline][s].seconds_per_step for s in spec.seeds
-                  if data[m][s].seconds_per_step and data[spec.baseline][s].seconds_per_step]
+                lines.append(f"| {m} | {ref} | {k} | {mean:+.{d}f} | [{mean - half:+.{d}f}, {mean + half:+.{d}f}] | {len(diffs)} | {verdict(k, mean, half, len(diffs))} |")
+        ratios = [data[m][s].seconds_per_step / data[ref][s].seconds_per_step for s in spec.seeds
+                  if data[m][s].seconds_per_step and data[ref][s].seconds_per_step]
         if ratios:  # a ratio, not a difference
             mean, half = mean_ci(ratios)
-            lines.append(f"| {m} | s/step ratio | x{mean:.3f} | [x{mean - half:.3f}, x{mean + half:.3f}] | {len(ratios)} | - |")
+            lines.append(f"| {m} | {ref} | s/step ratio | x{mean:.3f} | [x{mean - half:.3f}, x{mean + half:.3f}] | {len(ratios)} | - |")
     return lines
 
 
@@ -451,19 +460,18 @@ def write_report(spec: StudySpec) -> Path:
         if not steps:
             continue
         lines += [f"## {key} against steps", "", "| step | " + " | ".join(spec.methods) + " | "
-                  + " | ".join(f"{m} - {spec.baseline}" for m in spec.methods if m != spec.baseline) + " |",
-                  "| --- |" + " --- |" * (2 * len(spec.methods) - 1)]
+                  + " | ".join(f"{m} - {ref}" for m, ref in spec.pairs) + " |",
+                  "| --- |" + " --- |" * (len(spec.methods) + len(spec.pairs))]
         for st in steps:
             cells = []
             for m in spec.methods:
                 vals = [v for r in data[m].values() if (v := r.value(key, st)) is not None]
                 cells.append(_fmt(*mean_ci(vals), len(vals), _digits(key)))
-            for m in spec.methods:
-                if m != spec.baseline:
-                    diffs = paired(data, spec, m, key, st)
-                    mean, half = mean_ci(diffs) if diffs else (0.0, 0.0)
-                    cells.append(f"{mean:+.{_digits(key)}f} [{mean - half:+.{_digits(key)}f}, {mean + half:+.{_digits(key)}f}]"
-                                 if len(diffs) > 1 else (f"{mean:+.{_digits(key)}f} (n=1)" if diffs else "-"))
+            for m, ref in spec.pairs:
+                diffs = paired(data, spec, m, key, st, reference=ref)
+                mean, half = mean_ci(diffs) if diffs else (0.0, 0.0)
+                cells.append(f"{mean:+.{_digits(key)}f} [{mean - half:+.{_digits(key)}f}, {mean + half:+.{_digits(key)}f}]"
+                             if len(diffs) > 1 else (f"{mean:+.{_digits(key)}f} (n=1)" if diffs else "-"))
             lines.append(f"| {st} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["Per-run files: the archive beside this report (config, metrics.jsonl, log.jsonl, representations.json).",
