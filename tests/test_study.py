@@ -124,3 +124,11 @@ def test_bad_study_files(tmp_path):
 def test_interval_of_the_mean():
     mean, half = mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / 3**0.5, rel=1e-3)
+
+
+def test_one_seed_has_no_interval():
+    from vrpo.study import _interval
+
+    mean, half = mean_ci([4.0])
+    assert mean == 4.0 and _interval(mean, half, 2) == "-"
+    assert _interval(1.2, 0.1, 3, "x") == "[x1.100, x1.300]" and _interval(-2.0, 1.0, 1) == "[-3.0, -1.0]"

@@ -366,6 +366,14 @@ def _digits(key: str) -> int:
 HIGHER_IS_BETTER = ("ra", "cknna", "probe", "transfer_", "ra_retention")
 
 
+def _interval(mean: float, half: float, digits: int, prefix: str = "") -> str:
+    """[low, high] of a 95 % interval; "-" where one seed gives none."""
+    if math.isnan(half):
+        return "-"
+    sign = "" if prefix else "+"
+    return f"[{prefix}{mean - half:{sign}.{digits}f}, {prefix}{mean + half:{sign}.{digits}f}]"
+
+
 def verdict(key: str, mean: float, half: float, n: int) -> str:
     """Whether a paired difference is resolved by its 95 % interval, and in which direction."""
     if n < 2 or not abs(mean) > half:
@@ -409,12 +417,12 @@ def final_table(spec: StudySpec, data) -> list[str]:
             if diffs:
                 mean, half = mean_ci(diffs)
                 d = _digits(k)
-                lines.append(f"| {m} | {ref} | {k} | {mean:+.{d}f} | [{mean - half:+.{d}f}, {mean + half:+.{d}f}] | {len(diffs)} | {verdict(k, mean, half, len(diffs))} |")
+                lines.append(f"| {m} | {ref} | {k} | {mean:+.{d}f} | {_interval(mean, half, d)} | {len(diffs)} | {verdict(k, mean, half, len(diffs))} |")
         ratios = [data[m][s].seconds_per_step / data[ref][s].seconds_per_step for s in spec.seeds
                   if data[m][s].seconds_per_step and data[ref][s].seconds_per_step]
         if ratios:  # a ratio, not a difference
             mean, half = mean_ci(ratios)
-            lines.append(f"| {m} | {ref} | s/step ratio | x{mean:.3f} | [x{mean - half:.3f}, x{mean + half:.3f}] | {len(ratios)} | - |")
+            lines.append(f"| {m} | {ref} | s/step ratio | x{mean:.3f} | {_interval(mean, half, 3, 'x')} | {len(ratios)} | - |")
     return lines
 
 
@@ -470,8 +478,8 @@ def write_report(spec: StudySpec) -> Path:
             for m, ref in spec.pairs:
                 diffs = paired(data, spec, m, key, st, reference=ref)
                 mean, half = mean_ci(diffs) if diffs else (0.0, 0.0)
-                cells.append(f"{mean:+.{_digits(key)}f} [{mean - half:+.{_digits(key)}f}, {mean + half:+.{_digits(key)}f}]"
-                             if len(diffs) > 1 else (f"{mean:+.{_digits(key)}f} (n=1)" if diffs else "-"))
+                d = _digits(key)
+                cells.append(f"{mean:+.{d}f} {_interval(mean, half, d)}" if len(diffs) > 1 else (f"{mean:+.{d}f} (n=1)" if diffs else "-"))
             lines.append(f"| {st} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["Per-run files: the archive beside this report (config, metrics.jsonl, log.jsonl, representations.json).",
