@@ -83,6 +83,14 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
     assert (tmp_path / "report.md").read_text() == text
     index = (tmp_path / "results.md").read_text()
     assert index.count("<!-- study:tiny -->") == 1 and "Hand-written notes stay." in index
+    # another study with a run of the same resolved config reuses that run's archive
+    twin = write_study(tmp_path, {"repa": [], "sit": ["objective={name: sit}"], "sit-lr": ["objective={name: sit}", "optim.lr=2e-3"]},
+                       seeds=[0], name="twin", out=str(tmp_path / "twin-runs"), report=str(tmp_path / "twin.md"))
+    messages = []
+    run_study(load_study(twin), log=messages.append)
+    assert sum("reusing it" in m for m in messages) == 2  # repa and sit, not sit-lr
+    assert sorted(p.name for p in (tmp_path / "twin-runs").iterdir()) == ["sit-lr"]
+    assert (tmp_path / "twin" / "repa" / "seed0" / "metrics.jsonl").read_text() == (archive.parent / "seed0" / "metrics.jsonl").read_text()
 
 
 def test_study_extends_another(tmp_path):

@@ -8,6 +8,8 @@ study resumes the unfinished run from its checkpoint and skips finished runs.
 A finished run's small outputs (config, metrics, log, timing, representation metrics) are
 copied to the study's ``archive`` (in the work tree, to be committed), and a run found
 there is not redone: a study survives the loss of its run folders (a replaced machine).
+A run whose resolved config matches a run archived by another study beside it (an ablation's
+default row and the main comparison's VRPO) reuses that archive instead of training again.
 The report (markdown: final table, paired differences against the baseline with 95 %
 intervals, curves, speed-up, step time) and a PNG are rewritten after every run, and the
 study's summary block in ``index`` (docs/results.md) is replaced.
@@ -120,9 +122,12 @@ def run_dir(spec: StudySpec, method: str, seed: int) -> Path:
     return Path(spec.out).expanduser() / method / f"seed{seed}"
 
 
+def archive_root(spec: StudySpec) -> Path:
+    return Path(spec.archive) if spec.archive else Path(spec.report).with_suffix("")
+
+
 def archive_dir(spec: StudySpec, method: str, seed: int) -> Path:
-    root = Path(spec.archive) if spec.archive else Path(spec.report).with_suffix("")
-    return root / method / f"seed{seed}"
+    return archive_root(spec) / method / f"seed{seed}"
 
 
 def archived_final_step(folder: Path, spec: StudySpec | None = None) -> int | None:
@@ -140,6 +145,19 @@ def source_dir(spec: StudySpec, method: str, seed: int) -> Path:
     """Where a run's numbers are read from: its archive once finished, else its run folder."""
     archived = archive_dir(spec, method, seed)
     return archived if archived_final_step(archived) is not None else run_dir(spec, method, seed)
+
+
+def archived_twin(spec: StudySpec, cfg, seed: int) -> Path | None:
+    """A finished run of another study, archived beside this one's, with the same resolved config:
+    its weights and numbers are this run's (training is deterministic), so it is reused, not retrained."""
+    own = archive_root(spec)
+    want = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    for config in sorted(own.parent.glob(f"*/*/seed{seed}/config.yaml")):
+        folder = config.parent
+        if folder.parents[1] != own and archived_final_step(folder) == cfg.train.max_steps \
+                and yaml.safe_load(config.read_text()) == want:
+            return folder
+    return None
 
 
 def ensure_feature_cache(cfg) -> None:
@@ -172,7 +190,11 @@ def run_study(spec: StudySpec, log=print, only_seeds=None) -> Path:
             continue
         for method in spec.methods:
             cfg = method_config(spec, method, seed)
-            if archived_final_step(archive_dir(spec, method, seed), spec) == cfg.train.max_steps:
+            archive = archive_dir(spec, method, seed)
+            if archived_final_step(archive) is None and (twin := archived_twin(spec, cfg, seed)) is not None:
+                log(f"[study {spec.name}] {method} seed {seed}: the same run is archived in {twin}; reusing it")
+                shutil.copytree(twin, archive, dirs_exist_ok=True)
+            if archived_final_step(archive, spec) == cfg.train.max_steps:
                 continue
             folder = run_dir(spec, method, seed)
             done = latest_checkpoint(folder) if folder.exists() else None
@@ -188,7 +210,7 @@ def run_study(spec: StudySpec, log=print, only_seeds=None) -> Path:
             if spec.final:
                 log(f"[study {spec.name}] final evaluation of {method} seed {seed}")
                 final_evaluation(spec, cfg, folder)
-            archive_run(folder, archive_dir(spec, method, seed))
+            archive_run(folder, archive)
             write_report(spec)
     return write_report(spec)
 
