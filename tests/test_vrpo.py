@@ -359,7 +359,7 @@ def test_resumed_vrpo_run_is_bit_identical(tmp_path):
         "data.name=digits", "data.limit=40", "model.arch=SiT-T/8", "train.batch_size=8", "train.threads=1",
         "train.progress=false", "train.tensorboard=false", "sampler.steps=2", "train.sample_grid=4",
         "objective.projector_width=64", "objective.encoder_input_size=64", "objective.feature_cache=null",
-        "objective.warmup_steps=2", "objective.grad_share_every=2", "train.ckpt_every=3",
+        "objective.warmup_steps=2", "objective.grad_share_every=2", "train.ckpt_every=3", "train.log_every=1",
     ]
     cfg = lambda steps: load_config("configs/fmnist/vrpo-t2.yaml", [*base, f"train.max_steps={steps}"])
     train(cfg(6), tmp_path / "straight")
@@ -372,3 +372,19 @@ def test_resumed_vrpo_run_is_bit_identical(tmp_path):
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}.{key}"
     assert (tmp_path / "straight/vrpo_weights.png").is_file()
+    # after the 2-step warm-up the near-constant stability reward takes the weight: warned once per run
+    for run in ("straight", "resumed"):
+        warned = [json.loads(line) for line in (tmp_path / run / "warnings.jsonl").read_text().splitlines()]
+        assert [w["key"] for w in warned] == ["dominant_weight"] and warned[0]["step"] >= 2  # not again after the resume
+
+
+def test_a_dominant_inverse_variance_weight_is_warned(base):
+    data, model, _, _ = base
+    record = {"w_semantic": 0.0001, "w_stability": 0.998, "w_fidelity": 0.0019,
+              "r_semantic_var": 1e-3, "r_stability_var": 2e-7, "r_fidelity_var": 1e-4}
+    found = build(model, data).warnings(record)
+    assert list(found) == ["dominant_weight"] and "stability reward 99.8%" in found["dominant_weight"]
+    assert "\n" not in found["dominant_weight"] and "stability 2.0e-07" in found["dominant_weight"]
+    assert build(model, data).warnings({**record, "w_stability": 0.6, "w_semantic": 0.3998}) == {}
+    assert build(model, data, "objective.weighting=fixed").warnings(record) == {}
+    assert build(model, data, "objective.rewards=[semantic]").warnings({"w_semantic": 1.0}) == {}

@@ -79,7 +79,7 @@ class StudySpec:
 
 REPRESENTATION_KEYS = {"metrics", "num", "timesteps", "transfer"}
 FINAL_KEYS = {"num_samples", "metrics"}
-ARCHIVED = ("config.yaml", "metrics.jsonl", "log.jsonl", "timing.jsonl", "representations.json", "final_eval.json")
+ARCHIVED = ("config.yaml", "metrics.jsonl", "log.jsonl", "warnings.jsonl", "timing.jsonl", "representations.json", "final_eval.json")
 
 
 def merge_study(parent: dict, child: dict) -> dict:

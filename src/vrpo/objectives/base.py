@@ -56,6 +56,11 @@ class Objective(nn.Module):
     def end_of_step(self, step: int, applied: bool) -> None:
         """Hook after each step; ``applied`` is False when the step was skipped as non-finite."""
 
+    def warnings(self, record: dict[str, float]) -> dict[str, str]:
+        """Known failure modes seen in a logged record (averaged over the logging window):
+        {key: one-line message}. The loop prints each key once per run and logs it."""
+        return {}
+
 
 def drop_labels(labels: torch.Tensor | None, p: float, null_class: int, generator: torch.Generator) -> torch.Tensor | None:
     """Replace labels by the null class with probability p (classifier-free guidance training)."""

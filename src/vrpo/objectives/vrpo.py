@@ -545,6 +545,18 @@ class VRPO(REPA):
             logs.update({f"gshare_{n}": v for n, v in zip(self.share_names, self.grad_share)})
         return denoise, align, logs
 
+    def warnings(self, record: dict[str, float]) -> dict[str, str]:
+        o = self.options
+        weights = {k: record[f"w_{k}"] for k in self.rewards if f"w_{k}" in record}
+        if o.weighting != "inverse_variance" or len(weights) < 2 or max(weights.values()) < 0.95:
+            return {}
+        top = max(weights, key=weights.get)
+        variances = ", ".join(f"{k} {record.get(f'r_{k}_var', float('nan')):.1e}" for k in weights)
+        return {"dominant_weight": (
+            f"VRPO: the inverse-variance weights give the {top} reward {weights[top]:.1%} of the total (reward variances: "
+            f"{variances}), so the other rewards no longer train the projector; with stability on top this collapsed the "
+            "projector on the embedded benchmark (docs/results.md). Options: objective.weighting=fixed, objective.variance_eps=1e-3")}
+
     def loss(self, model, batch: Batch, generator: torch.Generator) -> LossOutput:
         denoise, align, logs = self.terms(model, batch, generator)
         return LossOutput(denoise + align, logs)

@@ -41,6 +41,23 @@ class RunLogger:
             for k, v in record.items():
                 self.writer.add_scalar(f"train/{k}", float(v), step)
 
+    @property
+    def warnings_path(self) -> Path:
+        return self.path.with_name("warnings.jsonl")
+
+    def warned(self) -> set[str]:
+        """Keys of the warnings this run has logged (before a resume too)."""
+        return {r["key"] for r in read_log(self.warnings_path) if "key" in r}
+
+    def warn(self, step: int, key: str, message: str) -> None:
+        """A known failure mode: a line in warnings.jsonl (apart from the numeric log) and a TensorBoard text."""
+        if not self.enabled:
+            return
+        with open(self.warnings_path, "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), "key": key, "message": message}) + "\n")
+        if self.writer is not None:
+            self.writer.add_text(f"warnings/{key}", message, step)
+
     def plot_loss(self, out: Path) -> Path | None:
         records = read_log(self.path)
         if not records:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass
 from itertools import chain
@@ -146,6 +147,7 @@ class Trainer:
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
         self.logger = RunLogger(self.run_dir, enabled=self.main, tensorboard=t.tensorboard)
+        self.warned = self.logger.warned()
         self.extractors: dict = {}  # evaluation networks, loaded on the first evaluation
         self.ra_images = self.ra_align = None  # held-out images and targets for RA, likewise
 
@@ -299,6 +301,16 @@ class Trainer:
         _, ra = block_states(self.ema, self.objective, self.cfg, self.ra_images, (t,), align.depth, self.ra_align, self.cfg.eval.seed)
         return ra[t]
 
+    def report_warnings(self, record: dict[str, float]) -> None:
+        """The objective's known failure modes, each printed and logged (rank 0) once per run."""
+        if not self.main:
+            return
+        for key, message in self.objective.warnings(record).items():
+            if key not in self.warned:
+                self.warned.add(key)
+                print(f"WARNING at step {self.step}: {message}", file=sys.stderr, flush=True)
+                self.logger.warn(self.step, key, message)
+
     # ------------------------------------------------------------ the loop
 
     def fit(self) -> TrainResult:
@@ -329,6 +341,7 @@ class Trainer:
                 record = {k: v / window_steps for k, v in window.items()}
                 record.update(images_per_s=window_steps * t.batch_size / elapsed, skipped_steps=self.skipped)
                 self.logger.log(self.step, record)
+                self.report_warnings(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", refresh=False)
                 window, window_steps, window_start = {}, 0, time.perf_counter()
             if self.step % t.ckpt_every == 0 or self.step == t.max_steps or self.eval_due():
