@@ -533,6 +533,7 @@ class VRPO(REPA):
                 self.grad_share.copy_(self.gradient_shares(model, denoise, reward_terms))
 
         logs = {"loss_denoise": denoise.detach(), "loss_align": align.detach(), "lambda_s": lam,
+                "loss_denoise_unweighted": step.per_sample_loss.mean().detach(),  # comparable with SiT's and REPA's
                 "R_mean": total.mean().float(), "R_var": v_R.float(),
                 "adv_mean": advantage.mean(), "adv_std": advantage.std(unbiased=False), "adv_min": advantage.min(),
                 "adv_max": advantage.max(), "pw_min": a.min().detach(), "pw_max": a.max().detach()}
