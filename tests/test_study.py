@@ -140,3 +140,16 @@ def test_one_seed_has_no_interval():
     mean, half = mean_ci([4.0])
     assert mean == 4.0 and _interval(mean, half, 2) == "-"
     assert _interval(1.2, 0.1, 3, "x") == "[x1.100, x1.300]" and _interval(-2.0, 1.0, 1) == "[-3.0, -1.0]"
+
+
+def test_defer_final_leaves_the_final_evaluation_for_a_later_call(tmp_path):
+    from vrpo.cli import main
+
+    path = write_study(tmp_path, {"sit": ["objective={name: sit}"]}, seeds=[0], final={"num_samples": 8, "metrics": ["fid"]})
+    archive = tmp_path / "report" / "sit" / "seed0"
+    assert main(["study", "--config", str(path), "--defer-final"]) == 0
+    assert (archive / "metrics.jsonl").is_file() and not (archive / "final_eval.json").exists()
+    trained = (archive / "log.jsonl").read_text()
+    assert main(["study", "--config", str(path)]) == 0
+    assert json.loads((archive / "final_eval.json").read_text())["num_samples_8"] == 8
+    assert (archive / "log.jsonl").read_text() == trained  # not retrained
