@@ -498,10 +498,12 @@ def write_report(spec: StudySpec) -> Path:
                 vals = [v for r in data[m].values() if (v := r.value(key, st)) is not None]
                 cells.append(_fmt(*mean_ci(vals), len(vals), _digits(key)))
             for m, ref in spec.pairs:
-                diffs = paired(data, spec, m, key, st, reference=ref)
-                mean, half = mean_ci(diffs) if diffs else (0.0, 0.0)
-                d = _digits(key)
-                cells.append(f"{mean:+.{d}f} {_interval(mean, half, d)}" if len(diffs) > 1 else (f"{mean:+.{d}f} (n=1)" if diffs else "-"))
+                diffs, d = paired(data, spec, m, key, st, reference=ref), _digits(key)
+                if not diffs:
+                    cells.append("-")
+                    continue
+                mean, half = mean_ci(diffs)
+                cells.append(f"{mean:+.{d}f} " + (_interval(mean, half, d) if len(diffs) > 1 else "(n=1)"))
             lines.append(f"| {st} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["Per-run files: the archive beside this report (config, metrics.jsonl, log.jsonl, representations.json).",
