@@ -153,3 +153,36 @@ def test_defer_final_leaves_the_final_evaluation_for_a_later_call(tmp_path):
     assert main(["study", "--config", str(path)]) == 0
     assert json.loads((archive / "final_eval.json").read_text())["num_samples_8"] == 8
     assert (archive / "log.jsonl").read_text() == trained  # not retrained
+
+
+def test_curve_steps_are_evaluated_later_from_kept_checkpoints(tmp_path):
+    """A curve point added after training equals the one the training loop measured at that step
+    (same weights, samples and noise); with the checkpoints gone it is reported, not retrained."""
+    import shutil
+
+    from vrpo.cli import main
+
+    methods = {"sit": ["objective={name: sit}", "train.max_steps=4", "train.ckpt_every=2"]}
+    path = write_study(tmp_path, methods, seeds=[0], curve_steps=[2])
+    assert main(["study", "--config", str(path), "--defer-final"]) == 0
+    run, archive = tmp_path / "runs" / "sit" / "seed0", tmp_path / "report" / "sit" / "seed0"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    measured = next(r for r in records if r["step"] == 2)
+    kept = "".join(json.dumps(r) + "\n" for r in records if r["step"] != 2)
+    for folder in (run, archive):
+        (folder / "metrics.jsonl").write_text(kept)
+    trained = (archive / "log.jsonl").read_text()
+    logged = []
+    run_study(load_study(path), log=logged.append)
+    later = {json.loads(line)["step"]: json.loads(line) for line in (archive / "metrics.jsonl").read_text().splitlines()}
+    assert later[2]["fid"] == pytest.approx(measured["fid"], rel=1e-4) and later[4] == next(r for r in records if r["step"] == 4)
+    assert (archive / "log.jsonl").read_text() == trained and any("curve steps [2]" in m for m in logged)
+    # the checkpoints are gone (a new machine): the study says so and does not retrain
+    for folder in (run, archive):
+        (folder / "metrics.jsonl").write_text(kept)
+    shutil.rmtree(run)
+    logged.clear()
+    run_study(load_study(path), log=logged.append)
+    assert not run.exists() and any("not evaluated" in m for m in logged)
+    with pytest.raises(ConfigError, match="curve_steps"):
+        load_study(write_study(tmp_path, methods, seeds=[0], curve_steps=[3]))

@@ -21,14 +21,14 @@ from vrpo.transport import generate
 from vrpo.utils.images import save_grid, to_uint8
 
 
-def load_run_model(run_dir: str | Path, which: str = "ema", device: str = "cpu"):
-    """(config, model with the run's newest good weights, step) for a run folder."""
+def load_run_model(run_dir: str | Path, which: str = "ema", device: str = "cpu", step: int | None = None):
+    """(config, model with the run's newest good weights, or those of ``step``, step) for a run folder."""
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
     cfg = config_from_dict(yaml.safe_load(path.read_text()))
-    weights, step = load_weights(run_dir, which)
+    weights, step = load_weights(run_dir, which, step)
     has_labels = "y_embedder.table.weight" in weights
     num_classes = weights["y_embedder.table.weight"].shape[0] - 1 if has_labels else 0
     channels = weights["patch_embed.weight"].shape[1]

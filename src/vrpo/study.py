@@ -26,6 +26,7 @@ Study file (YAML; ``extends: OTHER.yaml`` inherits another file's keys and adds 
     metric: fid                         # the headline metric (lower is better)
     metrics: [fid, fd_efficientnet, ra] # everything the report tabulates
     speedup: {reference: repa, metric: fd_efficientnet}  # steps to reach the reference's final value
+    curve_steps: [900]                  # more curve points, evaluated after training from kept checkpoints
     representations: {metrics: [ra, cknna], num: 500, transfer: digits}  # after each run, EMA weights
     methods:                            # name -> overrides
       sit: ["objective={name: sit}"]
@@ -65,6 +66,7 @@ class StudySpec:
     speedup: dict = field(default_factory=dict)  # {reference: METHOD, metric: KEY (default: metric)}
     representations: dict = field(default_factory=dict)  # {metrics, num, timesteps, transfer: DATASET}
     final: dict = field(default_factory=dict)  # {num_samples, metrics}: a larger evaluation of the final EMA weights
+    curve_steps: list[int] = field(default_factory=list)  # further curve points, evaluated after training from kept checkpoints
 
     @property
     def report_metrics(self) -> list[str]:
@@ -107,7 +109,14 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
         if not (isinstance(pair, list) and len(pair) == 2 and set(pair) <= set(spec.methods) and pair[0] != pair[1]):
             raise ConfigError(f"study.contrasts takes [method, reference] pairs of two different methods out of {sorted(spec.methods)}, got {pair!r}")
     for name in spec.methods:
-        method_config(spec, name, spec.seeds[0])  # validate every method before any compute
+        cfg = method_config(spec, name, spec.seeds[0])  # validate every method before any compute
+        t = cfg.train
+        kept = range(t.max_steps - (t.keep_last - 1) * t.ckpt_every, t.max_steps, t.ckpt_every) if t.ckpt_every else ()
+        for step in spec.curve_steps:
+            if not isinstance(step, int) or step not in kept or step % t.ckpt_every:
+                raise ConfigError(f"study.curve_steps: {step!r} is not a checkpoint that {name}'s run keeps "
+                                  f"(train.ckpt_every={t.ckpt_every}, keep_last={t.keep_last}, max_steps={t.max_steps}: "
+                                  f"{[s for s in kept if s % t.ckpt_every == 0]})")
     return spec
 
 
@@ -181,7 +190,7 @@ def ensure_feature_cache(cfg) -> None:
 
 def run_study(spec: StudySpec, log=print, only_seeds=None) -> Path:
     from vrpo.train import train
-    from vrpo.train.checkpoint import latest_checkpoint
+    from vrpo.train.checkpoint import checkpoint_dir, latest_checkpoint
 
     if only_seeds is not None and set(only_seeds) - set(spec.seeds):
         raise ConfigError(f"--seeds {sorted(set(only_seeds) - set(spec.seeds))} not in the study's seeds {spec.seeds}")
@@ -194,22 +203,32 @@ def run_study(spec: StudySpec, log=print, only_seeds=None) -> Path:
             if archived_final_step(archive) is None and (twin := archived_twin(spec, cfg, seed)) is not None:
                 log(f"[study {spec.name}] {method} seed {seed}: the same run is archived in {twin}; reusing it")
                 shutil.copytree(twin, archive, dirs_exist_ok=True)
-            if archived_final_step(archive, spec) == cfg.train.max_steps:
-                continue
             folder = run_dir(spec, method, seed)
-            done = latest_checkpoint(folder) if folder.exists() else None
-            if done is None or done.step < cfg.train.max_steps or not (folder / "timing.jsonl").is_file():
-                log(f"[study {spec.name}] {method} seed {seed} -> {folder}")
-                ensure_feature_cache(cfg)
-                start = time.time()
-                train(cfg, folder)
-                _append_timing(folder, time.time() - start)
-            if spec.representations:
-                log(f"[study {spec.name}] representations of {method} seed {seed}")
-                measure_representations(spec, folder)
-            if spec.final:
-                log(f"[study {spec.name}] final evaluation of {method} seed {seed}")
-                final_evaluation(spec, cfg, folder)
+            if archived_final_step(archive, spec) == cfg.train.max_steps:
+                missing = missing_curve_steps(spec, archive)
+                if not missing:
+                    continue
+                if not all((checkpoint_dir(folder) / f"step_{s:08d}").is_dir() for s in missing):
+                    log(f"[study {spec.name}] {method} seed {seed}: curve steps {missing} not evaluated, "
+                        f"their checkpoints are no longer in {folder} (the study does not retrain for them)")
+                    continue
+            else:
+                done = latest_checkpoint(folder) if folder.exists() else None
+                if done is None or done.step < cfg.train.max_steps or not (folder / "timing.jsonl").is_file():
+                    log(f"[study {spec.name}] {method} seed {seed} -> {folder}")
+                    ensure_feature_cache(cfg)
+                    start = time.time()
+                    train(cfg, folder)
+                    _append_timing(folder, time.time() - start)
+                if spec.representations:
+                    log(f"[study {spec.name}] representations of {method} seed {seed}")
+                    measure_representations(spec, folder)
+                if spec.final:
+                    log(f"[study {spec.name}] final evaluation of {method} seed {seed}")
+                    final_evaluation(spec, cfg, folder)
+            if missing_curve_steps(spec, folder):
+                log(f"[study {spec.name}] curve steps {missing_curve_steps(spec, folder)} of {method} seed {seed}")
+                evaluate_curve_steps(spec, cfg, folder)
             archive_run(folder, archive)
             write_report(spec)
     return write_report(spec)
@@ -236,6 +255,26 @@ def measure_representations(spec: StudySpec, folder: Path) -> dict:
             result[key] = evaluate_representations(folder, dataset=dataset, **kwargs)
             path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def missing_curve_steps(spec: StudySpec, folder: Path) -> list[int]:
+    evaluated = read_metrics(folder) if (folder / "metrics.jsonl").is_file() else {}
+    return [s for s in spec.curve_steps if s not in evaluated]
+
+
+def evaluate_curve_steps(spec: StudySpec, cfg, folder: Path) -> None:
+    """The training-time evaluation (eval.metrics, eval.num_samples, the same sampling noise) of kept
+    checkpoints at ``curve_steps``, appended to metrics.jsonl: a denser curve without retraining.
+    Held-out RA is the training loop's and is not added here."""
+    from vrpo.eval.suite import describe_record, evaluate_during_training, run_reference
+    from vrpo.sample import load_run_model
+
+    e, extractors = cfg.eval, {}
+    for step in missing_curve_steps(spec, folder):
+        _, model, _ = load_run_model(folder, step=step)
+        record = evaluate_during_training(folder, model, cfg, step, e.num_samples, run_reference(cfg), metrics=e.metrics,
+                                          seed=e.seed, ref_num=e.ref_num, cache_dir=e.cache_dir, extractors=extractors)
+        print(describe_record(record))
 
 
 def final_suffix(num_samples: int) -> str:

@@ -369,6 +369,11 @@ def metrics_record(step: int, result: Mapping[str, Any]) -> dict[str, Any]:
     return {"step": int(step), **{k: v for k, v in result.items() if not isinstance(v, (dict, list))}}
 
 
+def describe_record(record: Mapping[str, Any]) -> str:
+    """One console line for an evaluation record."""
+    return f"step {record['step']}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
+
+
 def append_record(path: PathLike, record: Mapping[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

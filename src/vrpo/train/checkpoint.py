@@ -212,8 +212,14 @@ def latest_checkpoint(run_dir: Path, log=print, quarantine: bool = False) -> Che
     return None
 
 
-def load_weights(run_dir: Path, which: str = "ema") -> tuple[dict[str, torch.Tensor], int]:
-    """Only the weights (``ema`` or ``model``) of the newest good checkpoint, for sampling."""
+def load_weights(run_dir: Path, which: str = "ema", step: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Only the weights (``ema`` or ``model``) of the newest good checkpoint (or of ``step``), for sampling."""
+    if step is not None:
+        path = checkpoint_dir(run_dir) / f"step_{step:08d}"
+        if not path.is_dir():
+            kept = sorted(int(p.name[5:]) for p in step_dirs(run_dir))
+            raise CheckpointError(f"{run_dir} has no checkpoint of step {step} (kept: {kept})")
+        return read_checkpoint(path).tensors[which], step
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"{run_dir} has no checkpoint yet (looked in {checkpoint_dir(run_dir)})")

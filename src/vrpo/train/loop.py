@@ -264,7 +264,7 @@ class Trainer:
         """FID (and RA for alignment methods) of the EMA model at this step, into RUN/metrics.jsonl."""
         if not self.main:
             return None
-        from vrpo.eval.suite import evaluate_during_training, run_reference
+        from vrpo.eval.suite import describe_record, evaluate_during_training, run_reference
 
         e = self.cfg.eval
         extra = {}
@@ -278,7 +278,7 @@ class Trainer:
             self.run_dir, self.ema, self.cfg, self.step, num, run_reference(self.cfg), metrics=metrics, seed=e.seed,
             ref_num=e.ref_num, cache_dir=e.cache_dir, extractors=self.extractors, extra=extra,
         )
-        print(f"step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+        print(describe_record(record))
         return record
 
     def held_out_ra(self, align, t: float = 0.5) -> float:
