@@ -118,7 +118,7 @@ def _study(args) -> int:
 
     spec = load_study(args.config, args.set)
     if args.defer_final:
-        spec.final, spec.curve_steps = {}, []  # a later call without the flag adds them to the finished runs
+        spec.final = {}  # a later call without the flag adds the final evaluations to the finished runs
     report = write_report(spec) if args.report_only else run_study(spec, only_seeds=args.seeds)
     print(f"report: {report} (plot: {report.with_suffix('.png')})")
     return 0
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
                    help="run only these of the study's seeds now (e.g. 0,1); the report covers all")
     p.add_argument("--defer-final", action="store_true",
-                   help="train and evaluate every run first, leaving the study's final evaluation (FID-5k) and curve_steps for a later call")
+                   help="train and evaluate every run (curve_steps included) first, leaving the study's final evaluation (FID-5k) for a later call")
     p.set_defaults(func=_study)
 
     p = sub.add_parser("eval", help="sample metrics (FID, sFID, precision/recall, FD-encoder) or a run's representation metrics; prints one JSON object")
