@@ -111,12 +111,12 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
     for name in spec.methods:
         cfg = method_config(spec, name, spec.seeds[0])  # validate every method before any compute
         t = cfg.train
-        kept = range(t.max_steps - (t.keep_last - 1) * t.ckpt_every, t.max_steps, t.ckpt_every) if t.ckpt_every else ()
+        saved = list(range(t.ckpt_every, t.max_steps, t.ckpt_every)) if t.ckpt_every > 0 else []
+        kept = saved[max(0, len(saved) - (t.keep_last - 1)):]  # besides the final one
         for step in spec.curve_steps:
-            if not isinstance(step, int) or step not in kept or step % t.ckpt_every:
+            if step not in kept:
                 raise ConfigError(f"study.curve_steps: {step!r} is not a checkpoint that {name}'s run keeps "
-                                  f"(train.ckpt_every={t.ckpt_every}, keep_last={t.keep_last}, max_steps={t.max_steps}: "
-                                  f"{[s for s in kept if s % t.ckpt_every == 0]})")
+                                  f"(train.ckpt_every={t.ckpt_every}, keep_last={t.keep_last}, max_steps={t.max_steps}: {kept})")
     return spec
 
 
@@ -190,7 +190,7 @@ def ensure_feature_cache(cfg) -> None:
 
 def run_study(spec: StudySpec, log=print, only_seeds=None) -> Path:
     from vrpo.train import train
-    from vrpo.train.checkpoint import checkpoint_dir, latest_checkpoint
+    from vrpo.train.checkpoint import latest_checkpoint, step_dir
 
     if only_seeds is not None and set(only_seeds) - set(spec.seeds):
         raise ConfigError(f"--seeds {sorted(set(only_seeds) - set(spec.seeds))} not in the study's seeds {spec.seeds}")
@@ -208,7 +208,7 @@ def run_study(spec: StudySpec, log=print, only_seeds=None) -> Path:
                 missing = missing_curve_steps(spec, archive)
                 if not missing:
                     continue
-                if not all((checkpoint_dir(folder) / f"step_{s:08d}").is_dir() for s in missing):
+                if not all(step_dir(folder, s).is_dir() for s in missing):
                     log(f"[study {spec.name}] {method} seed {seed}: curve steps {missing} not evaluated, "
                         f"their checkpoints are no longer in {folder} (the study does not retrain for them)")
                     continue
@@ -226,9 +226,9 @@ def run_study(spec: StudySpec, log=print, only_seeds=None) -> Path:
                 if spec.final:
                     log(f"[study {spec.name}] final evaluation of {method} seed {seed}")
                     final_evaluation(spec, cfg, folder)
-            if missing_curve_steps(spec, folder):
-                log(f"[study {spec.name}] curve steps {missing_curve_steps(spec, folder)} of {method} seed {seed}")
-                evaluate_curve_steps(spec, cfg, folder)
+            if missing := missing_curve_steps(spec, folder):
+                log(f"[study {spec.name}] curve steps {missing} of {method} seed {seed}")
+                evaluate_curve_steps(cfg, folder, missing)
             archive_run(folder, archive)
             write_report(spec)
     return write_report(spec)
@@ -262,15 +262,15 @@ def missing_curve_steps(spec: StudySpec, folder: Path) -> list[int]:
     return [s for s in spec.curve_steps if s not in evaluated]
 
 
-def evaluate_curve_steps(spec: StudySpec, cfg, folder: Path) -> None:
-    """The training-time evaluation (eval.metrics, eval.num_samples, the same sampling noise) of kept
-    checkpoints at ``curve_steps``, appended to metrics.jsonl: a denser curve without retraining.
+def evaluate_curve_steps(cfg, folder: Path, steps: list[int]) -> None:
+    """The training-time evaluation (eval.metrics, eval.num_samples, the same sampling noise) of the
+    kept checkpoints of ``steps``, appended to metrics.jsonl: a denser curve without retraining.
     Held-out RA is the training loop's and is not added here."""
     from vrpo.eval.suite import describe_record, evaluate_during_training, run_reference
     from vrpo.sample import load_run_model
 
     e, extractors = cfg.eval, {}
-    for step in missing_curve_steps(spec, folder):
+    for step in steps:
         _, model, _ = load_run_model(folder, step=step)
         record = evaluate_during_training(folder, model, cfg, step, e.num_samples, run_reference(cfg), metrics=e.metrics,
                                           seed=e.seed, ref_num=e.ref_num, cache_dir=e.cache_dir, extractors=extractors)

@@ -53,6 +53,11 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def step_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives (whether or not it exists)."""
+    return checkpoint_dir(run_dir) / f"step_{step:08d}"
+
+
 def step_dirs(run_dir: Path) -> list[Path]:
     """Complete-looking checkpoint folders, newest first (temporary folders are ignored)."""
     root = checkpoint_dir(run_dir)
@@ -131,7 +136,7 @@ def save_checkpoint(
     """Write the checkpoint of ``step`` atomically and keep the newest ``keep_last``."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
+    final = step_dir(run_dir, step)
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -215,7 +220,7 @@ def latest_checkpoint(run_dir: Path, log=print, quarantine: bool = False) -> Che
 def load_weights(run_dir: Path, which: str = "ema", step: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """Only the weights (``ema`` or ``model``) of the newest good checkpoint (or of ``step``), for sampling."""
     if step is not None:
-        path = checkpoint_dir(run_dir) / f"step_{step:08d}"
+        path = step_dir(run_dir, step)
         if not path.is_dir():
             kept = sorted(int(p.name[5:]) for p in step_dirs(run_dir))
             raise CheckpointError(f"{run_dir} has no checkpoint of step {step} (kept: {kept})")
