@@ -13,12 +13,12 @@ def _root(monkeypatch, request):
     monkeypatch.chdir(request.config.rootpath)
 
 
-def write_study(tmp_path, methods, **extra):
+def write_study(tmp_path, methods, eval_every=2, **extra):
     tiny = [
         "data.name=digits", "data.limit=40", "model.arch=SiT-T/8", "train.batch_size=8", "train.threads=1",
         "train.progress=false", "train.tensorboard=false", "sampler.steps=2", "train.sample_grid=4",
         "objective.projector_width=64", "objective.encoder_input_size=64",
-        f"objective.feature_cache={tmp_path / 'cache'}", "train.max_steps=2", "train.log_every=1", "eval.every=2", "eval.num_samples=8",
+        f"objective.feature_cache={tmp_path / 'cache'}", "train.max_steps=2", "train.log_every=1", f"eval.every={eval_every}", "eval.num_samples=8",
         "eval.ref=digits:test", "eval.ref_num=16", "eval.ra_num=8", f"eval.cache_dir={tmp_path / 'refstats'}",
     ]
     study = {
@@ -32,7 +32,7 @@ def write_study(tmp_path, methods, **extra):
 
 
 def test_study_runs_paired_seeds_resumes_and_reports(tmp_path):
-    path = write_study(tmp_path, {"sit": ["objective={name: sit}"], "repa": []})
+    path = write_study(tmp_path, {"sit": ["objective={name: sit}"], "repa": []}, eval_every=1)  # two curve points
     spec = load_study(path)
     report = run_study(spec, log=lambda *_: None)
     text = report.read_text()
@@ -61,7 +61,7 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
     import shutil
 
     (tmp_path / "results.md").write_text("# Results\n\nHand-written notes stay.\n")
-    path = write_study(tmp_path, {"sit": ["objective={name: sit}"], "repa": []}, seeds=[0, 1],
+    path = write_study(tmp_path, {"sit": ["objective={name: sit}"], "repa": []}, eval_every=1, seeds=[0, 1],
                        metrics=["fid", "fid_12", "ra", "var:loss"], speedup={"reference": "repa", "metric": "fid"},
                        final={"num_samples": 12, "metrics": ["fid"]}, contrasts=[["sit", "repa"]],
                        representations={"metrics": ["ra", "cknna"], "num": 16, "transfer": "fashion-mnist"})
@@ -77,6 +77,7 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
     assert final["step"] == 2 and final["num_samples_12"] == 12 and final["fid_12"] > 0
     assert "| repa | sit | fid_12 |" in text and "| repa | sit | var:loss |" in text
     assert "| sit | repa | fid_12 |" in text and "| sit - repa |" in text  # a contrast beyond the baseline
+    assert "## fid_12 against steps" not in text  # a single (final) point has no curve section
     shutil.rmtree(tmp_path / "runs")  # the machine was replaced: only the archive is left
     run_study(spec, log=lambda *_: None)
     assert not (tmp_path / "runs").exists()
@@ -85,7 +86,7 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
     assert index.count("<!-- study:tiny -->") == 1 and "Hand-written notes stay." in index
     # another study with a run of the same resolved config reuses that run's archive
     twin = write_study(tmp_path, {"repa": [], "sit": ["objective={name: sit}"], "sit-lr": ["objective={name: sit}", "optim.lr=2e-3"]},
-                       seeds=[0], name="twin", out=str(tmp_path / "twin-runs"), report=str(tmp_path / "twin.md"))
+                       eval_every=1, seeds=[0], name="twin", out=str(tmp_path / "twin-runs"), report=str(tmp_path / "twin.md"))
     messages = []
     run_study(load_study(twin), log=messages.append)
     assert sum("reusing it" in m for m in messages) == 2  # repa and sit, not sit-lr

@@ -526,7 +526,7 @@ def write_report(spec: StudySpec) -> Path:
     lines = head + summary + [""] + speedup_lines(spec, data)
     for key in spec.report_metrics:
         steps = sorted({st for runs in data.values() for r in runs.values() for st, _ in r.curve(key)})
-        if not steps:
+        if len(steps) < 2:  # a single point (a final-only metric) is already in the final table
             continue
         lines += [f"## {key} against steps", "", "| step | " + " | ".join(spec.methods) + " | "
                   + " | ".join(f"{m} - {ref}" for m, ref in spec.pairs) + " |",
@@ -577,7 +577,8 @@ def _plot(spec: StudySpec, data, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in spec.report_metrics if any(r.curve(k) for runs in data.values() for r in runs.values())]
+    keys = [k for k in spec.report_metrics
+            if len({st for runs in data.values() for r in runs.values() for st, _ in r.curve(k)}) > 1]
     if not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
