@@ -3,7 +3,7 @@ import json
 import pytest
 
 from vrpo.config import ConfigError
-from vrpo.study import load_study, mean_ci, run_study, steps_to_reach
+from vrpo.study import RETENTION_MIN_RA, RunRecord, load_study, mean_ci, run_study, steps_to_reach
 
 pytest.importorskip("efficientnet_lite_pytorch")
 
@@ -187,3 +187,14 @@ def test_curve_steps_are_evaluated_later_from_kept_checkpoints(tmp_path):
     assert not run.exists() and any("not evaluated" in m for m in logged)
     with pytest.raises(ConfigError, match="curve_steps"):
         load_study(write_study(tmp_path, methods, seeds=[0], curve_steps=[3]))
+
+
+def test_ra_retention_needs_an_in_domain_alignment():
+    def record(ra_in, ra_out):
+        reps = {"in_domain": {"ra": ra_in}, "transfer": {"ra": ra_out}}
+        return RunRecord(metrics={}, seconds_per_step=None, wall_s=0.0, representations=reps)
+
+    assert record(0.8, 0.6).value("ra_retention") == pytest.approx(75.0)
+    assert record(0.8, 0.6).value("transfer_ra") == 0.6
+    # a collapsed alignment: 0.2 / 0.1 would read as 200 % retention
+    assert record(0.1, 0.2).value("ra_retention") is None and RETENTION_MIN_RA > 0.1

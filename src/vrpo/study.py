@@ -337,6 +337,11 @@ def read_metrics(folder: Path) -> dict[int, dict]:
     return {int(r["step"]): r for r in read_log(folder / "metrics.jsonl")}
 
 
+# Below this in-domain RA (an alignment that collapsed) retention is a ratio of two near-zero
+# cosines, noise that would read as "better": the report leaves it out.
+RETENTION_MIN_RA = 0.25
+
+
 @dataclass
 class RunRecord:
     """What the report needs of one (method, seed) run."""
@@ -349,15 +354,17 @@ class RunRecord:
 
     def value(self, key: str, step: int | None = None):
         """An evaluation metric at ``step`` (default: the last step that has it), a representation
-        metric: ``ra``, ``cknna`` (in-domain), ``transfer_ra``, ``ra_retention`` (transfer / in-domain RA),
+        metric: ``ra``, ``cknna`` (in-domain), ``transfer_ra``, ``ra_retention`` (transfer / in-domain RA,
+        only where the in-domain RA reaches RETENTION_MIN_RA),
         or ``var:KEY``: the variance of a logged training quantity over the second half of training."""
         if key.startswith("var:"):
             last = max((r["step"] for r in self.log), default=0)
             values = [r[key[4:]] for r in self.log if r["step"] >= last / 2 and r.get(key[4:]) is not None]
             return float(np.var(values, ddof=1)) if step is None and len(values) > 1 else None
         rep_in, rep_out = self.representations.get("in_domain", {}), self.representations.get("transfer", {})
+        retained = rep_out.get("ra") is not None and (rep_in.get("ra") or 0.0) >= RETENTION_MIN_RA
         derived = {"transfer_ra": rep_out.get("ra"), "transfer_cknna": rep_out.get("cknna"),
-                   "ra_retention": 100.0 * rep_out["ra"] / rep_in["ra"] if rep_out.get("ra") and rep_in.get("ra") else None}
+                   "ra_retention": 100.0 * rep_out["ra"] / rep_in["ra"] if retained else None}
         if key in derived:
             return derived[key] if step is None else None
         if step is None:
@@ -470,7 +477,9 @@ def final_table(spec: StudySpec, data) -> list[str]:
         cells.append(f"{sum(r.wall_s for r in runs.values()) / 3600:.2f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", f"Paired differences at the final evaluation, method - reference (negative = lower than the reference; "
-              "for RA, CKNNA and retention higher is better); the interval is the 95 % Student-t interval over seeds:", "",
+              "for RA, CKNNA and retention higher is better); the interval is the 95 % Student-t interval over seeds"
+              + (f"; retention is left out where the in-domain RA is below {RETENTION_MIN_RA}"
+                 if spec.representations.get("transfer") else "") + ":", "",
               "| method | reference | metric | mean difference | 95 % interval | seeds | verdict |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for m, ref in spec.pairs:
         for k in keys:
