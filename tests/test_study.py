@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -76,6 +77,8 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
     final = json.loads((archive / "final_eval.json").read_text())
     assert final["step"] == 2 and final["num_samples_12"] == 12 and final["fid_12"] > 0
     assert "| repa | sit | fid_12 |" in text and "| repa | sit | var:loss |" in text
+    # variances span decades: significant digits, so that a tiny one does not read as 0.000000
+    assert re.search(r"\| repa \| sit \| var:loss \| [+-]\d\.\d\de[+-]\d\d \|", text)
     assert "| sit | repa | fid_12 |" in text and "| sit - repa |" in text  # a contrast beyond the baseline
     assert "## fid_12 against steps" not in text  # a single (final) point has no curve section
     shutil.rmtree(tmp_path / "runs")  # the machine was replaced: only the archive is left
@@ -139,8 +142,8 @@ def test_one_seed_has_no_interval():
     from vrpo.study import _interval
 
     mean, half = mean_ci([4.0])
-    assert mean == 4.0 and _interval(mean, half, 2) == "-"
-    assert _interval(1.2, 0.1, 3, "x") == "[x1.100, x1.300]" and _interval(-2.0, 1.0, 1) == "[-3.0, -1.0]"
+    assert mean == 4.0 and _interval(mean, half, ".2f") == "-"
+    assert _interval(1.2, 0.1, ".3f", "x") == "[x1.100, x1.300]" and _interval(-2.0, 1.0, ".1f") == "[-3.0, -1.0]"
 
 
 def test_defer_final_leaves_the_final_evaluation_for_a_later_call(tmp_path):

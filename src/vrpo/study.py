@@ -419,27 +419,28 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
     return None
 
 
-def _fmt(mean: float, half: float, n: int, digits: int = 2) -> str:
+def _fmt(mean: float, half: float, n: int, fmt: str = ".2f") -> str:
     if n == 0:
         return "-"
-    return f"{mean:.{digits}f} +- {half:.{digits}f} (n={n})" if n > 1 else f"{mean:.{digits}f} (n=1)"
+    return f"{mean:{fmt}} +- {half:{fmt}} (n={n})" if n > 1 else f"{mean:{fmt}} (n=1)"
 
 
-def _digits(key: str) -> int:
+def _number_format(key: str) -> str:
+    """Format spec of a metric's values: variances span decades, so they get significant digits."""
     if key.startswith("var:"):
-        return 6
-    return 4 if key.startswith(("ra", "cknna", "transfer")) and key != "ra_retention" else 2
+        return ".2e"
+    return ".4f" if key.startswith(("ra", "cknna", "transfer")) and key != "ra_retention" else ".2f"
 
 
 HIGHER_IS_BETTER = ("ra", "cknna", "probe", "transfer_", "ra_retention")
 
 
-def _interval(mean: float, half: float, digits: int, prefix: str = "") -> str:
+def _interval(mean: float, half: float, fmt: str, prefix: str = "") -> str:
     """[low, high] of a 95 % interval; "-" where one seed gives none."""
     if math.isnan(half):
         return "-"
     sign = "" if prefix else "+"
-    return f"[{prefix}{mean - half:{sign}.{digits}f}, {prefix}{mean + half:{sign}.{digits}f}]"
+    return f"[{prefix}{mean - half:{sign}{fmt}}, {prefix}{mean + half:{sign}{fmt}}]"
 
 
 def verdict(key: str, mean: float, half: float, n: int) -> str:
@@ -471,9 +472,9 @@ def final_table(spec: StudySpec, data) -> list[str]:
         cells = []
         for k in keys:
             vals = [v for r in runs.values() if (v := r.value(k)) is not None]
-            cells.append(_fmt(*mean_ci(vals), len(vals), _digits(k)))
+            cells.append(_fmt(*mean_ci(vals), len(vals), _number_format(k)))
         sps = [r.seconds_per_step for r in runs.values() if r.seconds_per_step]
-        cells.append(_fmt(*mean_ci(sps), len(sps), 3))
+        cells.append(_fmt(*mean_ci(sps), len(sps), ".3f"))
         cells.append(f"{sum(r.wall_s for r in runs.values()) / 3600:.2f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", f"Paired differences at the final evaluation, method - reference (negative = lower than the reference; "
@@ -486,13 +487,13 @@ def final_table(spec: StudySpec, data) -> list[str]:
             diffs = paired(data, spec, m, k, reference=ref)
             if diffs:
                 mean, half = mean_ci(diffs)
-                d = _digits(k)
-                lines.append(f"| {m} | {ref} | {k} | {mean:+.{d}f} | {_interval(mean, half, d)} | {len(diffs)} | {verdict(k, mean, half, len(diffs))} |")
+                f = _number_format(k)
+                lines.append(f"| {m} | {ref} | {k} | {mean:+{f}} | {_interval(mean, half, f)} | {len(diffs)} | {verdict(k, mean, half, len(diffs))} |")
         ratios = [data[m][s].seconds_per_step / data[ref][s].seconds_per_step for s in spec.seeds
                   if data[m][s].seconds_per_step and data[ref][s].seconds_per_step]
         if ratios:  # a ratio, not a difference
             mean, half = mean_ci(ratios)
-            lines.append(f"| {m} | {ref} | s/step ratio | x{mean:.3f} | {_interval(mean, half, 3, 'x')} | {len(ratios)} | - |")
+            lines.append(f"| {m} | {ref} | s/step ratio | x{mean:.3f} | {_interval(mean, half, '.3f', 'x')} | {len(ratios)} | - |")
     return lines
 
 
@@ -522,6 +523,11 @@ def speedup_lines(spec: StudySpec, data) -> list[str]:
     return lines + [""]
 
 
+def measured_steps(data, key: str) -> list[int]:
+    """The steps at which any run of the study has ``key``."""
+    return sorted({st for runs in data.values() for r in runs.values() for st, _ in r.curve(key)})
+
+
 def write_report(spec: StudySpec) -> Path:
     data = collect(spec)
     report = Path(spec.report)
@@ -534,7 +540,7 @@ def write_report(spec: StudySpec) -> Path:
     summary = final_table(spec, data)
     lines = head + summary + [""] + speedup_lines(spec, data)
     for key in spec.report_metrics:
-        steps = sorted({st for runs in data.values() for r in runs.values() for st, _ in r.curve(key)})
+        steps = measured_steps(data, key)
         if len(steps) < 2:  # a single point (a final-only metric) is already in the final table
             continue
         lines += [f"## {key} against steps", "", "| step | " + " | ".join(spec.methods) + " | "
@@ -544,14 +550,14 @@ def write_report(spec: StudySpec) -> Path:
             cells = []
             for m in spec.methods:
                 vals = [v for r in data[m].values() if (v := r.value(key, st)) is not None]
-                cells.append(_fmt(*mean_ci(vals), len(vals), _digits(key)))
+                cells.append(_fmt(*mean_ci(vals), len(vals), _number_format(key)))
             for m, ref in spec.pairs:
-                diffs, d = paired(data, spec, m, key, st, reference=ref), _digits(key)
+                diffs, f = paired(data, spec, m, key, st, reference=ref), _number_format(key)
                 if not diffs:
                     cells.append("-")
                     continue
                 mean, half = mean_ci(diffs)
-                cells.append(f"{mean:+.{d}f} " + (_interval(mean, half, d) if len(diffs) > 1 else "(n=1)"))
+                cells.append(f"{mean:+{f}} " + (_interval(mean, half, f) if len(diffs) > 1 else "(n=1)"))
             lines.append(f"| {st} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["Per-run files: the archive beside this report (config, metrics.jsonl, log.jsonl, representations.json).",
@@ -586,8 +592,7 @@ def _plot(spec: StudySpec, data, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in spec.report_metrics
-            if len({st for runs in data.values() for r in runs.values() for st, _ in r.curve(k)}) > 1]
+    keys = [k for k in spec.report_metrics if len(measured_steps(data, k)) > 1]
     if not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
