@@ -201,3 +201,16 @@ def test_ra_retention_needs_an_in_domain_alignment():
     assert record(0.8, 0.6).value("transfer_ra") == 0.6
     # a collapsed alignment: 0.2 / 0.1 would read as 200 % retention
     assert record(0.1, 0.2).value("ra_retention") is None and RETENTION_MIN_RA > 0.1
+
+
+def test_training_wall_time_counts_killed_attempts(tmp_path):
+    from vrpo.study import training_wall_s
+
+    def lines(name, records):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    lines("timing.jsonl", [{"wall_s": 70.0, "at": 270.0}])
+    assert training_wall_s(tmp_path) == 70.0  # a run from before attempts were recorded
+    lines("attempts.jsonl", [{"start": 100.0}, {"start": 200.0}])
+    lines("log.jsonl", [{"step": 10, "time": 120.0}, {"step": 20, "time": 150.0}, {"step": 10, "time": 230.0}])
+    assert training_wall_s(tmp_path) == 50.0 + 70.0  # killed after its log line at 150, then completed

@@ -81,7 +81,8 @@ class StudySpec:
 
 REPRESENTATION_KEYS = {"metrics", "num", "timesteps", "transfer"}
 FINAL_KEYS = {"num_samples", "metrics"}
-ARCHIVED = ("config.yaml", "metrics.jsonl", "log.jsonl", "warnings.jsonl", "timing.jsonl", "representations.json", "final_eval.json")
+ARCHIVED = ("config.yaml", "metrics.jsonl", "log.jsonl", "warnings.jsonl", "attempts.jsonl", "timing.jsonl",
+            "representations.json", "final_eval.json")
 
 
 def merge_study(parent: dict, child: dict) -> dict:
@@ -218,6 +219,7 @@ def run_study(spec: StudySpec, log=print, only_seeds=None) -> Path:
                     log(f"[study {spec.name}] {method} seed {seed} -> {folder}")
                     ensure_feature_cache(cfg)
                     start = time.time()
+                    _append_line(folder / "attempts.jsonl", {"start": start})  # a killed attempt still counts
                     train(cfg, folder)
                     _append_timing(folder, time.time() - start)
                 if spec.representations:
@@ -235,8 +237,31 @@ def run_study(spec: StudySpec, log=print, only_seeds=None) -> Path:
 
 
 def _append_timing(folder: Path, seconds: float) -> None:
-    with open(folder / "timing.jsonl", "a") as f:
-        f.write(json.dumps({"wall_s": seconds, "at": time.time()}) + "\n")
+    _append_line(folder / "timing.jsonl", {"wall_s": seconds, "at": time.time()})
+
+
+def _append_line(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def training_wall_s(folder: Path) -> float:
+    """Training wall time over all attempts, killed ones included: a completed attempt counts its
+    measured time (timing.jsonl), a killed one runs from its start to its last training-log line.
+    Runs from before attempts.jsonl existed count only their completed attempts."""
+    from vrpo.train.logging import read_log
+
+    completed = read_log(folder / "timing.jsonl")
+    starts = sorted(r["start"] for r in read_log(folder / "attempts.jsonl"))
+    if not starts:
+        return sum(r["wall_s"] for r in completed)
+    logged = [r["time"] for r in read_log(folder / "log.jsonl")]
+    total = 0.0
+    for start, end in zip(starts, starts[1:] + [math.inf]):
+        done = [r["wall_s"] for r in completed if start <= r["at"] < end]
+        total += done[0] if done else max((t for t in logged if start <= t < end), default=start) - start
+    return total
 
 
 def measure_representations(spec: StudySpec, folder: Path) -> dict:
@@ -391,7 +416,7 @@ def read_run(folder: Path, batch_size: int) -> RunRecord:
     return RunRecord(
         metrics=metrics,
         seconds_per_step=batch_size / float(np.median(rates)) if rates else None,
-        wall_s=sum(r.get("wall_s", 0.0) for r in read_log(folder / "timing.jsonl")),
+        wall_s=training_wall_s(folder),
         representations=json.loads(reps.read_text()) if reps.is_file() else {},
         log=log,
     )
