@@ -205,12 +205,13 @@ def test_ra_retention_needs_an_in_domain_alignment():
 
 def test_training_wall_time_counts_killed_attempts(tmp_path):
     from vrpo.study import training_wall_s
+    from vrpo.train.logging import read_log
 
     def lines(name, records):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))
 
     lines("timing.jsonl", [{"wall_s": 70.0, "at": 270.0}])
-    assert training_wall_s(tmp_path) == 70.0  # a run from before attempts were recorded
+    assert training_wall_s(tmp_path, []) == 70.0  # a run from before attempts were recorded
     lines("attempts.jsonl", [{"start": 100.0}, {"start": 200.0}])
     lines("log.jsonl", [{"step": 10, "time": 120.0}, {"step": 20, "time": 150.0}, {"step": 10, "time": 230.0}])
-    assert training_wall_s(tmp_path) == 50.0 + 70.0  # killed after its log line at 150, then completed
+    assert training_wall_s(tmp_path, read_log(tmp_path / "log.jsonl")) == 50.0 + 70.0  # killed after its log line at 150, then completed

@@ -192,6 +192,7 @@ def ensure_feature_cache(cfg) -> None:
 def run_study(spec: StudySpec, log=print, only_seeds=None) -> Path:
     from vrpo.train import train
     from vrpo.train.checkpoint import latest_checkpoint, step_dir
+    from vrpo.train.logging import append_record
 
     if only_seeds is not None and set(only_seeds) - set(spec.seeds):
         raise ConfigError(f"--seeds {sorted(set(only_seeds) - set(spec.seeds))} not in the study's seeds {spec.seeds}")
@@ -219,9 +220,9 @@ def run_study(spec: StudySpec, log=print, only_seeds=None) -> Path:
                     log(f"[study {spec.name}] {method} seed {seed} -> {folder}")
                     ensure_feature_cache(cfg)
                     start = time.time()
-                    _append_line(folder / "attempts.jsonl", {"start": start})  # a killed attempt still counts
+                    append_record(folder / "attempts.jsonl", {"start": start})  # a killed attempt still counts
                     train(cfg, folder)
-                    _append_timing(folder, time.time() - start)
+                    append_record(folder / "timing.jsonl", {"wall_s": time.time() - start, "at": time.time()})
                 if spec.representations:
                     log(f"[study {spec.name}] representations of {method} seed {seed}")
                     measure_representations(spec, folder)
@@ -236,27 +237,17 @@ def run_study(spec: StudySpec, log=print, only_seeds=None) -> Path:
     return write_report(spec)
 
 
-def _append_timing(folder: Path, seconds: float) -> None:
-    _append_line(folder / "timing.jsonl", {"wall_s": seconds, "at": time.time()})
-
-
-def _append_line(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def training_wall_s(folder: Path) -> float:
+def training_wall_s(folder: Path, log: list[dict]) -> float:
     """Training wall time over all attempts, killed ones included: a completed attempt counts its
-    measured time (timing.jsonl), a killed one runs from its start to its last training-log line.
-    Runs from before attempts.jsonl existed count only their completed attempts."""
+    measured time (timing.jsonl), a killed one runs from its start to its last line of ``log``
+    (the run's training log). Runs from before attempts.jsonl existed count only completed attempts."""
     from vrpo.train.logging import read_log
 
     completed = read_log(folder / "timing.jsonl")
     starts = sorted(r["start"] for r in read_log(folder / "attempts.jsonl"))
     if not starts:
         return sum(r["wall_s"] for r in completed)
-    logged = [r["time"] for r in read_log(folder / "log.jsonl")]
+    logged = [r["time"] for r in log]
     total = 0.0
     for start, end in zip(starts, starts[1:] + [math.inf]):
         done = [r["wall_s"] for r in completed if start <= r["at"] < end]
@@ -416,7 +407,7 @@ def read_run(folder: Path, batch_size: int) -> RunRecord:
     return RunRecord(
         metrics=metrics,
         seconds_per_step=batch_size / float(np.median(rates)) if rates else None,
-        wall_s=training_wall_s(folder),
+        wall_s=training_wall_s(folder, log),
         representations=json.loads(reps.read_text()) if reps.is_file() else {},
         log=log,
     )

@@ -29,6 +29,7 @@ from vrpo.eval.alignment import cknna, linear_probe_accuracy
 from vrpo.eval.frechet import feature_statistics, frechet_distance
 from vrpo.eval.prdc import precision_recall
 from vrpo.eval.refstats import FINGERPRINT_KEY, dataset_fingerprint, load_reference_stats, save_reference_stats
+from vrpo.train.logging import append_record
 
 __all__ = [
     "DEFAULT_CACHE_DIR", "EvalError", "FeatureExtractor", "RUN_METRICS", "SAMPLE_METRICS", "append_record",
@@ -372,14 +373,6 @@ def metrics_record(step: int, result: Mapping[str, Any]) -> dict[str, Any]:
 def describe_record(record: Mapping[str, Any]) -> str:
     """One console line for an evaluation record."""
     return f"step {record['step']}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
-
-
-def append_record(path: PathLike, record: Mapping[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(dict(record)) + "\n")
-    return path
 
 
 def newest_checkpoint_step(run_dir: PathLike) -> int | None:

@@ -18,6 +18,15 @@ def read_log(path: Path) -> list[dict]:
     return records
 
 
+def append_record(path: Path | str, record: dict) -> Path:
+    """One JSON line appended to ``path`` (its folder created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(record)) + "\n")
+    return path
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
@@ -34,9 +43,7 @@ class RunLogger:
     def log(self, step: int, record: dict) -> None:
         if not self.enabled:
             return
-        line = {"step": step, "time": time.time(), **{k: float(v) for k, v in record.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        append_record(self.path, {"step": step, "time": time.time(), **{k: float(v) for k, v in record.items()}})
         if self.writer is not None:
             for k, v in record.items():
                 self.writer.add_scalar(f"train/{k}", float(v), step)
@@ -53,8 +60,7 @@ class RunLogger:
         """A known failure mode: a line in warnings.jsonl (apart from the numeric log) and a TensorBoard text."""
         if not self.enabled:
             return
-        with open(self.warnings_path, "a") as f:
-            f.write(json.dumps({"step": step, "time": time.time(), "key": key, "message": message}) + "\n")
+        append_record(self.warnings_path, {"step": step, "time": time.time(), "key": key, "message": message})
         if self.writer is not None:
             self.writer.add_text(f"warnings/{key}", message, step)
 
