@@ -110,6 +110,12 @@ def test_study_extends_another(tmp_path):
         load_study(loop)
 
 
+def test_study_runs_only_the_chosen_methods_and_seeds(tmp_path):
+    spec = load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"], "repa": []}))
+    run_study(spec, log=lambda *_: None, only_seeds=[1], only_methods=["repa"])
+    assert sorted(str(p.relative_to(tmp_path / "runs")) for p in (tmp_path / "runs").glob("*/seed*")) == ["repa/seed1"]
+
+
 def test_steps_to_reach_interpolates():
     curve = [(100, 50.0), (200, 30.0), (300, 20.0)]
     assert steps_to_reach(curve, 40.0) == pytest.approx(150.0)
@@ -127,6 +133,8 @@ def test_bad_study_files(tmp_path):
         load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]}, representations={"transfr": "digits"}))
     with pytest.raises(ConfigError, match="not in the study's seeds"):
         run_study(load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]})), only_seeds=[7])
+    with pytest.raises(ConfigError, match="not in the study's methods"):
+        run_study(load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]})), only_methods=["vrpo"])
     with pytest.raises(ConfigError, match="study.contrasts"):
         load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"], "repa": []}, contrasts=[["repa", "vrpo"]]))
     with pytest.raises(ConfigError, match="study.final"):

@@ -388,3 +388,11 @@ def test_a_dominant_inverse_variance_weight_is_warned(base):
     assert build(model, data).warnings({**record, "w_stability": 0.6, "w_semantic": 0.3998}) == {}
     assert build(model, data, "objective.weighting=fixed").warnings(record) == {}
     assert build(model, data, "objective.rewards=[semantic]").warnings({"w_semantic": 1.0}) == {}
+
+
+def test_early_layers_that_resolve_to_the_default_block_are_warned(base):
+    data, model, _, _ = base  # depth 6: early = round(3 * 6 / 8) = 2, REPA's default block here
+    found = build(model, data, "objective.layers=early", "objective.weighting=fixed").warnings({})
+    assert list(found) == ["layers_is_block"] and "block 2 at depth 6" in found["layers_is_block"]
+    for layers in ("block", "mid", "all"):
+        assert build(model, data, f"objective.layers={layers}", "objective.weighting=fixed").warnings({}) == {}

@@ -119,7 +119,7 @@ def _study(args) -> int:
     spec = load_study(args.config, args.set)
     if args.defer_final:
         spec.final = {}  # a later call without the flag adds the final evaluations to the finished runs
-    report = write_report(spec) if args.report_only else run_study(spec, only_seeds=args.seeds)
+    report = write_report(spec) if args.report_only else run_study(spec, only_seeds=args.seeds, only_methods=args.methods)
     print(f"report: {report} (plot: {report.with_suffix('.png')})")
     return 0
 
@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="rewrite the report from finished evaluations")
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
                    help="run only these of the study's seeds now (e.g. 0,1); the report covers all")
+    p.add_argument("--methods", type=lambda v: [m for m in v.split(",") if m], default=None,
+                   help="run only these of the study's methods now (e.g. sit,repa); the report covers all")
     p.add_argument("--defer-final", action="store_true",
                    help="train and evaluate every run (curve_steps included) first, leaving the study's final evaluation (FID-5k) for a later call")
     p.set_defaults(func=_study)

@@ -189,17 +189,21 @@ def ensure_feature_cache(cfg) -> None:
         build_cache(folder, encoder, data)
 
 
-def run_study(spec: StudySpec, log=print, only_seeds=None) -> Path:
+def run_study(spec: StudySpec, log=print, only_seeds=None, only_methods=None) -> Path:
     from vrpo.train import train
     from vrpo.train.checkpoint import latest_checkpoint, step_dir
     from vrpo.train.logging import append_record
 
     if only_seeds is not None and set(only_seeds) - set(spec.seeds):
         raise ConfigError(f"--seeds {sorted(set(only_seeds) - set(spec.seeds))} not in the study's seeds {spec.seeds}")
+    if only_methods is not None and set(only_methods) - set(spec.methods):
+        raise ConfigError(f"--methods {sorted(set(only_methods) - set(spec.methods))} not in the study's methods {list(spec.methods)}")
     for seed in spec.seeds:  # seed-major: a partial study already holds complete pairs
         if only_seeds is not None and seed not in only_seeds:
             continue
         for method in spec.methods:
+            if only_methods is not None and method not in only_methods:
+                continue
             cfg = method_config(spec, method, seed)
             archive = archive_dir(spec, method, seed)
             if archived_final_step(archive) is None and (twin := archived_twin(spec, cfg, seed)) is not None:

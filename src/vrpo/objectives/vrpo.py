@@ -208,6 +208,10 @@ class VRPO(REPA):
         o = options
         self.rewards = [r for r in REWARDS if r in o.rewards]
         self.layers, self.cut = layer_plan(o.layers, model.depth, self.align.depth)
+        self.layer_notice = None
+        if o.layers == "early" and self.layers == [self.align.depth]:  # shallow models: early is the default block
+            self.layer_notice = (f"VRPO: objective.layers=early resolves to block {self.align.depth} at depth {model.depth}, the block "
+                                 "that objective.layers=block uses: this run repeats the default placement")
         self.grad_block = max(self.layers)  # where gradient shares are measured
         # mid: the reward branch is a second pass cut at block `cut` (the main pass keeps its graph)
         self.second_pass = o.pathwise and self.cut > 0
@@ -548,15 +552,18 @@ class VRPO(REPA):
 
     def warnings(self, record: dict[str, float]) -> dict[str, str]:
         o = self.options
+        found = {}
+        if self.layer_notice:
+            found["layers_is_block"] = self.layer_notice
         weights = {k: record[f"w_{k}"] for k in self.rewards if f"w_{k}" in record}
-        if o.weighting != "inverse_variance" or len(weights) < 2 or max(weights.values()) < 0.95:
-            return {}
-        top = max(weights, key=weights.get)
-        variances = ", ".join(f"{k} {record.get(f'r_{k}_var', float('nan')):.1e}" for k in weights)
-        return {"dominant_weight": (
-            f"VRPO: the inverse-variance weights give the {top} reward {weights[top]:.1%} of the total (reward variances: "
-            f"{variances}), so the other rewards no longer train the projector; with stability on top this collapsed the "
-            "projector on the embedded benchmark (docs/results.md). Options: objective.weighting=fixed, objective.variance_eps=1e-3")}
+        if o.weighting == "inverse_variance" and len(weights) >= 2 and max(weights.values()) >= 0.95:
+            top = max(weights, key=weights.get)
+            variances = ", ".join(f"{k} {record.get(f'r_{k}_var', float('nan')):.1e}" for k in weights)
+            found["dominant_weight"] = (
+                f"VRPO: the inverse-variance weights give the {top} reward {weights[top]:.1%} of the total (reward variances: "
+                f"{variances}), so the other rewards no longer train the projector; with stability on top this collapsed the "
+                "projector on the embedded benchmark (docs/results.md). Options: objective.weighting=fixed, objective.variance_eps=1e-3")
+        return found
 
     def loss(self, model, batch: Batch, generator: torch.Generator) -> LossOutput:
         denoise, align, logs = self.terms(model, batch, generator)
