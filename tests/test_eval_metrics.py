@@ -130,6 +130,30 @@ def test_refstats_round_trip_without_pickle(tmp_path):
     assert not list(path.parent.glob("*.tmp"))
 
 
+def test_refstats_writers_in_two_processes_do_not_collide(tmp_path, monkeypatch):
+    """Two processes computing the same reference statistics (parallel study runs) both succeed:
+    here a second writer runs to completion while the first is still writing its file."""
+    import os
+
+    import vrpo.eval.refstats as refstats
+
+    path = tmp_path / "ref_stats.npz"
+    fingerprint = dataset_fingerprint(np.zeros((2, 1, 4, 4), dtype=np.uint8), EXTRACTOR_INFO)
+    savez, pid = np.savez, os.getpid()
+
+    def interleaved(handle, **arrays):
+        savez(handle, **arrays)
+        if os.getpid() == pid:  # the first writer, mid-write: another process writes the same file
+            monkeypatch.setattr(os, "getpid", lambda: pid + 1)
+            save_reference_stats(path, {"mu": np.ones(2)}, fingerprint)
+            monkeypatch.setattr(os, "getpid", lambda: pid)
+
+    monkeypatch.setattr(refstats.np, "savez", interleaved)
+    save_reference_stats(path, {"mu": np.zeros(2)}, fingerprint)
+    np.testing.assert_array_equal(load_reference_stats(path, fingerprint)["mu"], np.zeros(2))  # the last rename wins
+    assert [p.name for p in tmp_path.iterdir()] == ["ref_stats.npz"]
+
+
 def test_refstats_refuses_stale_or_foreign_cache_naming_keys(tmp_path):
     images = np.zeros((2, 1, 4, 4), dtype=np.uint8)
     path = tmp_path / "ref.npz"

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vrpo.utils.files import private_temp
+
 MANIFEST = "manifest.json"
 
 
@@ -84,7 +86,7 @@ def build_cache(folder: Path, encoder, data, dtype: str = "float16", shard_size:
             out = encoder(data.images[b : min(b + batch_size, start + shard_size, len(data))])
             tokens.append(out.tokens.to("cpu", torch_dtype))
             globals_.append(out.global_.to("cpu", torch_dtype))
-        tmp = shard.with_suffix(".tmp")
+        tmp = private_temp(shard)
         save_file({"tokens": torch.cat(tokens).contiguous(), "global": torch.cat(globals_).contiguous()}, str(tmp))
         os.replace(tmp, shard)
     path.write_text(json.dumps({**manifest, "complete": True}, indent=1))

@@ -17,6 +17,8 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import torch
 
+from vrpo.utils.files import private_temp
+
 __all__ = ["FINGERPRINT_KEY", "dataset_fingerprint", "load_reference_stats", "save_reference_stats"]
 
 FINGERPRINT_KEY = "__fingerprint_json__"
@@ -69,7 +71,7 @@ def save_reference_stats(path: PathLike, stats: Mapping[str, np.ndarray], finger
     arrays[FINGERPRINT_KEY] = np.array([_canonical_json(fingerprint)])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary_path = path.with_name(path.name + ".tmp")
+    temporary_path = private_temp(path)
     # Writing through a file handle keeps np.savez from appending ".npz"; the rename makes it atomic.
     with open(temporary_path, "wb") as handle:
         np.savez(handle, **arrays)
