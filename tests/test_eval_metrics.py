@@ -154,6 +154,19 @@ def test_refstats_writers_in_two_processes_do_not_collide(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["ref_stats.npz"]
 
 
+def test_a_failed_write_leaves_neither_file_nor_temporary(tmp_path, monkeypatch):
+    import vrpo.eval.refstats as refstats
+
+    def broken(handle, **arrays):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(refstats.np, "savez", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_reference_stats(tmp_path / "ref.npz", {"mu": np.zeros(2)}, {"data_sha256": "x"})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_refstats_refuses_stale_or_foreign_cache_naming_keys(tmp_path):
     images = np.zeros((2, 1, 4, 4), dtype=np.uint8)
     path = tmp_path / "ref.npz"

@@ -13,13 +13,12 @@ and dataset and refuses a cache made for anything else.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from vrpo.utils.files import private_temp
+from vrpo.utils.files import replacing
 
 MANIFEST = "manifest.json"
 
@@ -86,9 +85,8 @@ def build_cache(folder: Path, encoder, data, dtype: str = "float16", shard_size:
             out = encoder(data.images[b : min(b + batch_size, start + shard_size, len(data))])
             tokens.append(out.tokens.to("cpu", torch_dtype))
             globals_.append(out.global_.to("cpu", torch_dtype))
-        tmp = private_temp(shard)
-        save_file({"tokens": torch.cat(tokens).contiguous(), "global": torch.cat(globals_).contiguous()}, str(tmp))
-        os.replace(tmp, shard)
+        with replacing(shard) as tmp:
+            save_file({"tokens": torch.cat(tokens).contiguous(), "global": torch.cat(globals_).contiguous()}, str(tmp))
     path.write_text(json.dumps({**manifest, "complete": True}, indent=1))
     return folder
 

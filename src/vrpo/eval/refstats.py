@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from vrpo.utils.files import private_temp
+from vrpo.utils.files import replacing
 
 __all__ = ["FINGERPRINT_KEY", "dataset_fingerprint", "load_reference_stats", "save_reference_stats"]
 
@@ -71,11 +71,9 @@ def save_reference_stats(path: PathLike, stats: Mapping[str, np.ndarray], finger
     arrays[FINGERPRINT_KEY] = np.array([_canonical_json(fingerprint)])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary_path = private_temp(path)
-    # Writing through a file handle keeps np.savez from appending ".npz"; the rename makes it atomic.
-    with open(temporary_path, "wb") as handle:
+    # Writing through a file handle keeps np.savez from appending ".npz".
+    with replacing(path) as temporary_path, open(temporary_path, "wb") as handle:
         np.savez(handle, **arrays)
-    os.replace(temporary_path, path)
 
 
 def _differing_keys(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
