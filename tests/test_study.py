@@ -42,7 +42,7 @@ def test_study_runs_paired_seeds_resumes_and_reports(tmp_path):
     # paired: both methods of a seed start from the same network
     from safetensors.torch import load_file
 
-    from vrpo.train.checkpoint import step_dirs
+    from vrpo.runs.checkpoint import step_dirs
 
     runs = tmp_path / "runs"
     for seed in (0, 1):
@@ -147,7 +147,7 @@ def test_interval_of_the_mean():
 
 
 def test_one_seed_has_no_interval():
-    from vrpo.study import _interval
+    from vrpo.study.report import _interval
 
     mean, half = mean_ci([4.0])
     assert mean == 4.0 and _interval(mean, half, ".2f") == "-"
@@ -213,7 +213,7 @@ def test_ra_retention_needs_an_in_domain_alignment():
 
 def test_training_wall_time_counts_killed_attempts(tmp_path):
     from vrpo.study import training_wall_s
-    from vrpo.train.logging import read_log
+    from vrpo.runs.logs import read_log
 
     def lines(name, records):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))

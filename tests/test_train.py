@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from vrpo.config import load_config
 from vrpo.train import TrainingDiverged, train
-from vrpo.train.checkpoint import step_dirs
+from vrpo.runs.checkpoint import step_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/fmnist/sit-t2.yaml")
@@ -88,7 +88,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, tiny_overrides):
 
 KILL_IN_SAVE = """
 import os, signal, sys
-import vrpo.train.checkpoint as ck
+import vrpo.runs.checkpoint as ck
 calls = {"n": 0}
 real = ck._fsync
 def fsync_then_die(path):

@@ -14,6 +14,7 @@ from vrpo.data import step_generator
 from vrpo.eval.frechet import frechet_distance
 from vrpo.objectives import build_objective
 from vrpo.objectives.vrpo import frechet_reward_terms, plot_vrpo, psd_sqrt
+from vrpo.objectives.vrpo.rewards import advantages, clip_fidelity, fidelity_reward, policy_weights
 
 SMALL = [
     "data.name=digits", "data.limit=40", "model.arch=SiT-T/8", "objective.projector_width=64",
@@ -56,7 +57,7 @@ def test_semantic_only_reproduces_repa_loss_and_gradients(base):
     data, model, repa, batch = base
     vrpo = build(model, data, "objective.rewards=[semantic]", "objective.adaptive_lambda=false", "objective.normalize=false",
                  "objective.policy=false", "objective.lambda_0=0.5", "objective.warmup_steps=1")
-    vrpo.align.load_state_dict(repa.align.state_dict())
+    vrpo.alignment.load_state_dict(repa.alignment.state_dict())
     for s in range(2):  # past warm-up, with statistics: the single weight stays 1
         vrpo.loss(model, batch, step_generator(0, s))
         vrpo.end_of_step(s, True)
@@ -66,7 +67,7 @@ def test_semantic_only_reproduces_repa_loss_and_gradients(base):
         objective.zero_grad(set_to_none=True)
         out = objective.loss(model, batch, step_generator(0, 7))
         out.loss.backward()
-        results.append((out.loss.detach(), grads(model, objective.align)))
+        results.append((out.loss.detach(), grads(model, objective.alignment)))
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
@@ -77,7 +78,7 @@ def test_semantic_only_reproduces_repa_loss_and_gradients(base):
 
 def feed(vrpo, comps, samples):
     """One committed step of synthetic statistics (real features: zeros)."""
-    real = [torch.zeros(samples.shape[1], e.token_dim) for e in vrpo.align.encoders] if "fidelity" in vrpo.rewards else []
+    real = [torch.zeros(samples.shape[1], e.token_dim) for e in vrpo.alignment.encoders] if "fidelity" in vrpo.rewards else []
     total = vrpo.weights().float() @ samples
     vrpo.record(comps, samples, total, real)
     vrpo.end_of_step(int(vrpo.steps_done), True)
@@ -112,7 +113,7 @@ def test_inverse_variance_weights_converge_and_lambda_follows_v_R(base):
 def test_stability_pass_is_gradient_free_partial_and_uses_the_same_noise(base):
     data, model, _, batch = base
     vrpo = build(model, data)
-    d = vrpo.align.depth
+    d = vrpo.alignment.depth
     step = vrpo.denoise(model, batch, step_generator(0, 0))
     calls = []
     with pytest.MonkeyPatch.context() as mp:
@@ -125,7 +126,7 @@ def test_stability_pass_is_gradient_free_partial_and_uses_the_same_noise(base):
     t = (step.t - 0.05).clamp_min(0)
     x_t = (1 - t.view(-1, 1, 1, 1)) * batch.x + t.view(-1, 1, 1, 1) * step.noise
     h = model(x_t, t * 1000, step.labels, hidden_layers=[d]).hidden[d]
-    torch.testing.assert_close(after[d][0], vrpo.align.projectors[0](h), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after[d][0], vrpo.alignment.projectors[0](h), rtol=1e-5, atol=1e-6)
     # in the loss, the gradient of the stability reward reaches blocks 1..d through the online branch
     model.zero_grad(set_to_none=True)
     stab = build(model, data, "objective.rewards=[stability]", "objective.policy=false")
@@ -138,13 +139,13 @@ def test_stability_pass_is_gradient_free_partial_and_uses_the_same_noise(base):
 def test_policy_weights_and_group_relative_advantages(base):
     data, model, _, batch = base
     vrpo = build(model, data)
-    a = vrpo.policy_weights(torch.randn(64, generator=torch.Generator().manual_seed(0)) * 3)
+    a = policy_weights(torch.randn(64, generator=torch.Generator().manual_seed(0)) * 3, vrpo.options)
     assert (a > 0).all() and float(a.mean()) == pytest.approx(1.0)
     assert float(a.max() / a.min()) <= torch.exp(torch.tensor(4.0)) * (1 + 1e-5)  # clip c = 2, tau = 1
     grouped = build(model, data, "objective.group_size=2")
     rows, images = grouped.grouped(batch)
     assert rows.index.tolist() == [0, 0, 1, 1] and images.index.tolist() == [0, 1]
-    adv = grouped.advantages(torch.randn(12, generator=torch.Generator().manual_seed(1)), None, None).view(-1, 2)
+    adv = advantages(torch.randn(12, generator=torch.Generator().manual_seed(1)), None, None, grouped.options).view(-1, 2)
     torch.testing.assert_close(adv.mean(1), torch.zeros(6), atol=1e-6, rtol=0)
     torch.testing.assert_close(adv.std(1), torch.ones(6), atol=1e-4, rtol=0)
     _, _, logs = grouped.terms(model, batch, step_generator(0, 0))
@@ -164,7 +165,7 @@ def test_fidelity_reward_falls_as_statistics_move_away(base):
         rewards = []
         for shift in (0.0, 0.5, 1.0, 2.0):  # mean and spread move away together
             g = (fake.double() * torch.linspace(0.5, 2, 8).double() * (1 + shift) + 1 + shift).float()
-            r = vrpo.fidelity_reward([g[:, None].expand(-1, 3, -1)], [reference])  # 3 identical tokens
+            r = fidelity_reward([g[:, None].expand(-1, 3, -1)], [reference], vrpo.options)  # 3 identical tokens
             rewards.append((float(r.batch), float(r.sample.mean())))
         assert [b for b, _ in rewards] == sorted([b for b, _ in rewards], reverse=True)
         assert [s for _, s in rewards] == sorted([s for _, s in rewards], reverse=True)
@@ -174,11 +175,11 @@ def test_fidelity_reward_falls_as_statistics_move_away(base):
     assert float(frechet_reward_terms(g, mean, cov, psd_sqrt(cov))) == pytest.approx(expected, rel=1e-6)
     # the floor bounds it: hard clamps, soft saturates smoothly
     far = build(model, data, "objective.fidelity_floor=-1")
-    assert float(far.clip_fidelity(torch.tensor(-50.0))) == -1.0
+    assert float(clip_fidelity(torch.tensor(-50.0), -1.0, far.options.fidelity_clip)) == -1.0
     soft = build(model, data, "objective.fidelity_floor=-1", "objective.fidelity_clip=soft")
     x = torch.tensor(-50.0, requires_grad=True)
-    soft.clip_fidelity(x).backward()
-    assert float(soft.clip_fidelity(x.detach())) == pytest.approx(-1.0) and x.grad is not None
+    clip_fidelity(x, -1.0, soft.options.fidelity_clip).backward()
+    assert float(clip_fidelity(x.detach(), -1.0, soft.options.fidelity_clip)) == pytest.approx(-1.0) and x.grad is not None
 
 
 def test_statistics_are_committed_per_step_and_round_trip_through_state_dict(base):
@@ -275,7 +276,7 @@ def test_pathwise_off_trains_only_the_heads(base):
     model.zero_grad(set_to_none=True)
     _, align, _ = vrpo.terms(model, batch, step_generator(0, 0))
     align.backward()
-    assert not any(block_grads(model)) and vrpo.align.projectors[0].net[0].weight.grad is not None
+    assert not any(block_grads(model)) and vrpo.alignment.projectors[0].net[0].weight.grad is not None
 
 
 def test_perceptual_reward_with_an_lpips_module(base, monkeypatch):
@@ -353,7 +354,7 @@ def test_resumed_vrpo_run_is_bit_identical(tmp_path):
 
     from vrpo.config import load_config
     from vrpo.train import train
-    from vrpo.train.checkpoint import step_dirs
+    from vrpo.runs.checkpoint import step_dirs
 
     base = [
         "data.name=digits", "data.limit=40", "model.arch=SiT-T/8", "train.batch_size=8", "train.threads=1",

@@ -1,20 +1,31 @@
-"""The ``vrpo`` command: train, sample (and the evaluation commands as they land)."""
+"""The ``vrpo`` command: train, sample, cache-features, eval, plot and study."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+import torch
+
+from vrpo.config import load_config
+from vrpo.data import DataError, load_dataset
+from vrpo.encoders.cache import CacheMismatch, build_feature_caches
+from vrpo.errors import ConfigError, EvalError
+from vrpo.eval.plot import plot_runs
+from vrpo.eval.representations import RUN_METRICS, evaluate_representations
+from vrpo.eval.sample_metrics import SAMPLE_METRICS, evaluate_samples, metrics_record
+from vrpo.runs import CheckpointError, append_record, newest_checkpoint_step
+from vrpo.sample import sample_run
+from vrpo.study import load_study, run_study, write_report
+from vrpo.train import TrainingDiverged, train
+from vrpo.utils.dist import is_main
+
 
 def _train(args) -> int:
-    from vrpo.config import load_config
-    from vrpo.train import train
-
     cfg = load_config(args.config, args.set)
     result = train(cfg, args.out)
-    from vrpo.utils.dist import is_main
-
     if not is_main():
         return 0
     print(f"done: {result.step} steps ({result.skipped_steps} skipped), last loss {result.last_loss:.4f}")
@@ -26,8 +37,6 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    from vrpo.sample import sample_run
-
     out = sample_run(
         args.run, args.num, args.out, batch_size=args.batch_size, seed=args.seed, device=args.device,
         method=args.sampler, steps=args.steps, cfg_scale=args.cfg,
@@ -37,43 +46,25 @@ def _sample(args) -> int:
 
 
 def _cache_features(args) -> int:
-    import time
-
-    from vrpo.config import ConfigError, load_config
-    from vrpo.data import load_dataset
-    from vrpo.encoders.cache import build_cache, cache_slug
-    from vrpo.objectives.alignment import AlignmentOptions, build_alignment_encoders
-
     cfg = load_config(args.config, args.set)
     options = cfg.objective
-    if not isinstance(options, AlignmentOptions):
+    encoders = options.build_encoders(cfg.data.resolution)
+    if not encoders:
         raise ConfigError(f"objective '{options.name}' uses no encoder: cache-features needs an alignment method (repa, vrpo)")
-    if not options.feature_cache:
+    if not options.cache_root():
         raise ConfigError("objective.feature_cache is not set: name the folder for the cache (--set objective.feature_cache=DIR)")
-    data = load_dataset(cfg.data)
-    for encoder in build_alignment_encoders(options, cfg.data.resolution):
-        folder = Path(options.feature_cache) / cache_slug(encoder)
-        start = time.perf_counter()
-        build_cache(folder, encoder, data, dtype=args.dtype, shard_size=args.shard_size, batch_size=args.batch_size)
-        size = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
-        print(f"{encoder.name}: {len(data)} images, grid {encoder.grid_for((cfg.data.resolution,) * 2)}, "
-              f"{size:.1f} MiB in {folder} ({time.perf_counter() - start:.0f} s this call)")
+    build_feature_caches(encoders, options.cache_root(), lambda: load_dataset(cfg.data), log=print, dtype=args.dtype,
+                         shard_size=args.shard_size, batch_size=args.batch_size)
     return 0
 
 
 def _eval(args) -> int:
-    import json
-
-    import torch
-
-    from vrpo.eval import suite
-
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.run is not None:
         if args.ref is not None:
-            raise suite.EvalError("--ref goes with --samples; --run evaluates on the run's own dataset (--split)")
-        result = suite.evaluate_representations(
-            args.run, args.metrics or suite.RUN_METRICS, split=args.split, dataset=args.dataset, timesteps=args.timesteps,
+            raise EvalError("--ref goes with --samples; --run evaluates on the run's own dataset (--split)")
+        result = evaluate_representations(
+            args.run, args.metrics or RUN_METRICS, split=args.split, dataset=args.dataset, timesteps=args.timesteps,
             num=args.num or 1000, probe_train=args.probe_train, which=args.weights,
             encoder_weights=args.encoder_weights, encoder_name=args.encoder, encoder_input_size=args.encoder_input_size,
             seed=args.seed, batch_size=args.batch_size, device=device,
@@ -81,26 +72,24 @@ def _eval(args) -> int:
         step = result["step"]
     else:
         if args.ref is None:
-            raise suite.EvalError("--samples needs --ref (NAME:SPLIT, an npz, an image folder or a statistics file)")
+            raise EvalError("--samples needs --ref (NAME:SPLIT, an npz, an image folder or a statistics file)")
         step = args.step
         if args.append and step is None:  # the samples are taken to come from the run's newest checkpoint
-            step = suite.newest_checkpoint_step(args.append.parent)
+            step = newest_checkpoint_step(args.append.parent)
             if step is None:
-                raise suite.EvalError(f"--append needs --step: {args.append.parent} has no checkpoint to take it from")
-        result = suite.evaluate_samples(
-            args.samples, args.ref, args.metrics or tuple(suite.SAMPLE_METRICS), num=args.num, ref_num=args.ref_num,
+                raise EvalError(f"--append needs --step: {args.append.parent} has no checkpoint to take it from")
+        result = evaluate_samples(
+            args.samples, args.ref, args.metrics or tuple(SAMPLE_METRICS), num=args.num, ref_num=args.ref_num,
             cache_dir=args.cache_dir, data_root=args.data_root, encoder_weights=args.encoder_weights,
             encoder_name=args.encoder, device=device, batch_size=args.batch_size, progress=True,
         )
     if args.append:
-        suite.append_record(args.append, suite.metrics_record(step, result))
+        append_record(args.append, metrics_record(step, result))
     print(json.dumps(result))
     return 0
 
 
 def _plot(args) -> int:
-    from vrpo.eval.plot import plot_runs
-
     out = plot_runs(args.runs, args.out, [m.strip() for m in args.metric.split(",") if m.strip()])
     print(f"wrote {out}")
     return 0
@@ -114,8 +103,6 @@ def _timesteps(text: str) -> list[float]:
 
 
 def _study(args) -> int:
-    from vrpo.study import load_study, run_study, write_report
-
     spec = load_study(args.config, args.set)
     if args.defer_final:
         spec.final = {}  # a later call without the flag adds the final evaluations to the finished runs
@@ -199,13 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vrpo.config import ConfigError
-    from vrpo.data import DataError
-    from vrpo.train import TrainingDiverged
-    from vrpo.encoders.cache import CacheMismatch
-    from vrpo.eval.suite import EvalError
-    from vrpo.train.checkpoint import CheckpointError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

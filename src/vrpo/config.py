@@ -18,9 +18,10 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem, phrased as one line that names the key."""
+from vrpo.errors import ConfigError
+from vrpo.models import parse_arch
+from vrpo.objectives import objective_options
+from vrpo.transport.noising import FAMILY_SAMPLERS, family_of
 
 
 @dataclass
@@ -229,8 +230,6 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def config_from_dict(tree: dict) -> Config:
-    from vrpo.objectives import objective_options
-
     tree = dict(tree or {})
     valid = [*SECTIONS, "objective"]
     for key in tree:
@@ -288,14 +287,12 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks: combinations that cannot work are refused before any compute."""
-    from vrpo.models import parse_arch
-
     def need(condition: bool, message: str):
         if not condition:
             raise ConfigError(message)
 
     try:
-        family, _, patch = parse_arch(cfg.model.arch)
+        _, _, patch = parse_arch(cfg.model.arch)
     except ValueError as err:
         raise ConfigError(f"config key 'model.arch': {err}") from None
     need(cfg.data.resolution % patch == 0, f"data.resolution {cfg.data.resolution} is not divisible by the patch size {patch} of {cfg.model.arch}")
@@ -327,7 +324,11 @@ def validate(cfg: Config) -> None:
     need(not (cfg.data.unconditional and s.cfg_scale != 1.0), "sampler.cfg_scale != 1 needs labels, but data.unconditional is true")
     if tr.prediction != "velocity":
         need(s.t_start < 1.0, f"transport.prediction={tr.prediction} is undefined at t=1: set sampler.t_start below 1 (e.g. 0.999)")
-    is_ddpm = cfg.objective.name == "ddpm"
-    need(is_ddpm == (family == "DiT"), f"objective '{cfg.objective.name}' does not fit model.arch {cfg.model.arch}: DiT-* models train with objective ddpm, SiT-* with flow objectives")
-    need(is_ddpm == (s.method == "ddpm"), f"sampler.method={s.method} does not fit objective '{cfg.objective.name}': ddpm models sample with 'ddpm', flow models with euler, heun or sde")
+    need(cfg.diffusion.schedule == "linear", f"diffusion.schedule {cfg.diffusion.schedule!r} is not available (linear)")
+    family, options = family_of(cfg.model.arch), cfg.objective
+    need(family in options.families, f"objective '{options.name}' does not train the {family} family of model.arch "
+         f"{cfg.model.arch}: it trains {' and '.join(options.families)} (SiT-* models are flow, DiT-* models ddpm)")
+    samplers = FAMILY_SAMPLERS[family]
+    need(s.method in samplers, f"sampler.method={s.method} does not fit the {family} family of model.arch {cfg.model.arch}: "
+         f"use {' or '.join(samplers)}")
     cfg.objective.validate(cfg)

@@ -1,40 +1,50 @@
-"""Sampling a trained run into an ADM-style npz (arr_0: uint8 N x H x W x C, arr_1: labels).
+"""The one sample generator: in memory for evaluations, and into an ADM-style npz for ``vrpo sample``.
 
 Samples are class-balanced (label i mod num_classes) and batch b draws its noise from a
-generator seeded by (seed, b), so a run of N samples is the same whatever the batch size
-order of completion; finished batches are kept in ``OUT.parts/`` and a killed job resumes.
+generator keyed on (seed, b's first index), so N samples are the same whatever the order of
+completion; ``sample_run`` keeps finished batches in ``OUT.parts/`` and a killed job resumes.
+The npz holds arr_0 (uint8 N x H x W x C) and arr_1 (labels).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
+from tqdm.auto import tqdm
 
-from vrpo.config import config_from_dict
-from vrpo.models import build_model
-from vrpo.train.checkpoint import load_weights
+from vrpo.data import keyed_generator
+from vrpo.runs import load_run_model
 from vrpo.transport import generate
 from vrpo.utils.images import save_grid, to_uint8
 
 
-def load_run_model(run_dir: str | Path, which: str = "ema", device: str = "cpu", step: int | None = None):
-    """(config, model with the run's newest good weights, or those of ``step``, step) for a run folder."""
-    run_dir = Path(run_dir)
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-    cfg = config_from_dict(yaml.safe_load(path.read_text()))
-    weights, step = load_weights(run_dir, which, step)
-    has_labels = "y_embedder.table.weight" in weights
-    num_classes = weights["y_embedder.table.weight"].shape[0] - 1 if has_labels else 0
-    channels = weights["patch_embed.weight"].shape[1]
-    model = build_model(cfg.model.arch, cfg.data.resolution, channels, num_classes, mlp_ratio=cfg.model.mlp_ratio, qk_norm=cfg.model.qk_norm)
-    model.load_state_dict(weights)
-    return cfg, model.to(device).eval(), step
+@torch.no_grad()
+def sample_batch(model, cfg, start: int, n: int, seed: int = 0, **sampler_overrides) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples start..start+n-1 as uint8 [n, C, H, W] on the CPU, with their labels (zeros when unconditional)."""
+    device = next(model.parameters()).device
+    generator = keyed_generator(seed, start)
+    noise = torch.randn((n, model.in_channels, model.input_size, model.input_size), generator=generator).to(device)
+    conditional = model.num_classes > 0
+    labels = torch.arange(start, start + n) % model.num_classes if conditional else torch.zeros(n, dtype=torch.long)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with autocast:
+        x = generate(model, cfg, labels.to(device) if conditional else None, noise, generator, **sampler_overrides)
+    return to_uint8(x).cpu(), labels
+
+
+@torch.no_grad()
+def generate_images(model, cfg, num: int, seed: int = 0, batch_size: int = 64, **sampler_overrides) -> torch.Tensor:
+    """``num`` class-balanced uint8 samples [N, C, H, W], the same as ``vrpo sample`` writes for this seed."""
+    was_training = model.training
+    model.eval()
+    batches = [sample_batch(model, cfg, start, min(batch_size, num - start), seed, **sampler_overrides)[0]
+               for start in range(0, num, batch_size)]
+    model.train(was_training)
+    return torch.cat(batches)
 
 
 def sample_run(
@@ -53,23 +63,14 @@ def sample_run(
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
-    conditional = model.num_classes > 0
-    c, r = model.in_channels, model.input_size
     batches = range(0, num, batch_size)
-    from tqdm.auto import tqdm
-
     for start in tqdm(batches, disable=not progress, desc=f"sample (step {step})"):
         part = parts / f"{start:08d}.npz"
         if part.exists():
             continue
-        n = min(batch_size, num - start)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
-        noise = torch.randn((n, c, r, r), generator=gen).to(device)
-        labels = torch.arange(start, start + n) % model.num_classes if conditional else torch.zeros(n, dtype=torch.long)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False):
-            x = generate(model, cfg, labels.to(device) if conditional else None, noise, gen, **sampler_overrides)
+        images, labels = sample_batch(model, cfg, start, min(batch_size, num - start), seed, **sampler_overrides)
         tmp = part.with_suffix(".tmp.npz")
-        np.savez(tmp, images=to_uint8(x).cpu().numpy(), labels=labels.numpy())
+        np.savez(tmp, images=images.numpy(), labels=labels.numpy())
         tmp.rename(part)
     images, labels = [], []
     for start in batches:

@@ -10,8 +10,13 @@ from __future__ import annotations
 import torch
 
 
+def keyed_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator keyed on (seed, index): an epoch's order, a sampling batch's noise."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
 def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return torch.randperm(n, generator=keyed_generator(seed, epoch))
 
 
 def batch_indices(step: int, global_batch: int, n: int, seed: int) -> torch.Tensor:

@@ -13,10 +13,12 @@ and dataset and refuses a cache made for anything else.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from vrpo.utils.files import replacing
 
@@ -74,8 +76,6 @@ def build_cache(folder: Path, encoder, data, dtype: str = "float16", shard_size:
     path.write_text(json.dumps({**manifest, "complete": False}, indent=1))
     torch_dtype = getattr(torch, dtype)
     starts = range(0, len(data), shard_size)
-    from tqdm.auto import tqdm
-
     for start in tqdm(starts, disable=not progress, desc=f"cache {encoder.name}"):
         shard = folder / f"shard_{start // shard_size:05d}.safetensors"
         if shard.exists():
@@ -89,6 +89,32 @@ def build_cache(folder: Path, encoder, data, dtype: str = "float16", shard_size:
             save_file({"tokens": torch.cat(tokens).contiguous(), "global": torch.cat(globals_).contiguous()}, str(tmp))
     path.write_text(json.dumps({**manifest, "complete": True}, indent=1))
     return folder
+
+
+def is_complete(folder: Path) -> bool:
+    manifest = Path(folder) / MANIFEST
+    return manifest.exists() and bool(json.loads(manifest.read_text()).get("complete"))
+
+
+def build_feature_caches(encoders, root: str | Path, load_data, *, skip_complete: bool = False, log=None,
+                         **build_options) -> list[Path]:
+    """The cache of every encoder under ``root`` (the one builder of ``vrpo cache-features`` and the
+    study). ``load_data()`` gives the images, loaded only when a cache has to be built; a complete
+    cache is verified again unless ``skip_complete``; ``log`` gets one line per encoder."""
+    data, folders = None, []
+    for encoder in encoders:
+        folder = Path(root) / cache_slug(encoder)
+        folders.append(folder)
+        if skip_complete and is_complete(folder):
+            continue
+        data = data if data is not None else load_data()
+        start = time.perf_counter()
+        build_cache(folder, encoder, data, **build_options)
+        if log is not None:
+            size = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
+            log(f"{encoder.name}: {len(data)} images, grid {encoder.grid_for(tuple(data.images.shape[-2:]))}, "
+                f"{size:.1f} MiB in {folder} ({time.perf_counter() - start:.0f} s this call)")
+    return folders
 
 
 class FeatureCache:

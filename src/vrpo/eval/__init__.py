@@ -1,5 +1,7 @@
-"""Evaluation: FID/sFID (Frechet distance on Inception features), precision/recall, representation alignment."""
+"""Evaluation: sample metrics (FID/sFID, precision/recall, FD-encoder) against cached references,
+representation metrics of a run (RA, CKNNA, linear probe), and the evaluator the training loop calls."""
 
+from vrpo.errors import EvalError
 from vrpo.eval.alignment import cknna, linear_probe_accuracy, representation_alignment
 from vrpo.eval.frechet import feature_statistics, frechet_distance, frechet_distance_from_features
 from vrpo.eval.inception import (
@@ -14,6 +16,7 @@ from vrpo.eval.prdc import precision_recall
 from vrpo.eval.refstats import dataset_fingerprint, load_reference_stats, save_reference_stats
 
 __all__ = [
+    "EvalError",
     "InceptionFeatures",
     "InceptionScoreUnavailableError",
     "InceptionUnavailableError",

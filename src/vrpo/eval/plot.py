@@ -5,15 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence, Union
 
-from vrpo.eval.suite import EvalError
+from vrpo.errors import EvalError
+from vrpo.runs.logs import read_log
 
 PathLike = Union[str, Path]
 
 
 def metric_curves(run: PathLike, metric: str) -> tuple[list[int], list[float]]:
     """(steps, values) of ``metric`` in RUN/metrics.jsonl (or that file itself); a later record for a step wins."""
-    from vrpo.train.logging import read_log
-
     path = Path(run)
     if path.is_dir():
         path = path / "metrics.jsonl"

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import torch
 
+from vrpo.eval.inception import feature_extractor_info
 from vrpo.utils.files import replacing
 
 __all__ = ["FINGERPRINT_KEY", "dataset_fingerprint", "load_reference_stats", "save_reference_stats"]
@@ -52,8 +53,6 @@ def dataset_fingerprint(
     digest.update(json.dumps(list(images.shape)).encode())
     digest.update(images.reshape(-1))  # a view of the contiguous bytes, no copy
     if extractor_info is None:
-        from vrpo.eval.inception import feature_extractor_info
-
         extractor_info = feature_extractor_info()
     return {"data_sha256": digest.hexdigest(), "data_shape": list(images.shape), **dict(extractor_info)}
 

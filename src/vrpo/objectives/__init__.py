@@ -1,7 +1,8 @@
-"""Training methods behind one interface (``Objective``); a method is one module plus its config.
+"""Training methods behind one contract (``vrpo.objectives.base``); a method is one module plus its config.
 
-To add one: subclass ``Objective`` (or ``SiT`` for flow-based methods) in a new module, give
-it an ``Options`` dataclass, and list it in ``_MODULES`` below.
+To add one: subclass ``Objective`` (or ``AlignmentObjective`` for a method that aligns to a
+frozen encoder) in a new module, give it an ``Options`` dataclass, and list it in
+``_MODULES`` below; the contract test (tests/test_objective_contract.py) then covers it.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import difflib
 import importlib
 
-from vrpo.objectives.base import Batch, LossOutput, Objective, ObjectiveOptions
+from vrpo.errors import ConfigError
+from vrpo.objectives.base import Batch, DenoisingStep, LossOutput, Objective, ObjectiveOptions
 
 _MODULES = {
     "sit": ("vrpo.objectives.sit", "SiT"),
@@ -23,8 +25,6 @@ def objective_class(name: str) -> type[Objective]:
     if name not in _MODULES:
         match = difflib.get_close_matches(name, list(_MODULES), n=1)
         hint = f" (did you mean '{match[0]}'?)" if match else ""
-        from vrpo.config import ConfigError
-
         raise ConfigError(f"unknown objective '{name}'{hint}; available: {', '.join(_MODULES)}")
     module, cls = _MODULES[name]
     return getattr(importlib.import_module(module), cls)
@@ -43,4 +43,7 @@ def available_objectives() -> list[str]:
     return list(_MODULES)
 
 
-__all__ = ["Batch", "LossOutput", "Objective", "ObjectiveOptions", "available_objectives", "build_objective", "objective_class", "objective_options"]
+__all__ = [
+    "Batch", "DenoisingStep", "LossOutput", "Objective", "ObjectiveOptions", "available_objectives",
+    "build_objective", "objective_class", "objective_options",
+]

@@ -2,21 +2,25 @@
 
 Frozen encoder targets (computed on the fly or read from a feature cache), one projector
 per encoder on the hidden states of block d, token grids reconciled between model and
-encoder, and the patch-wise cosine. REPA is SiT plus this term; VRPO turns the same
-quantities into rewards.
+encoder, and the patch-wise cosine. ``AlignmentObjective`` owns them for its subclasses:
+REPA adds the cosine as a loss term, VRPO turns the same quantities into rewards; both
+train either model family.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vrpo.models import Projector
-from vrpo.objectives.sit import SiTOptions
+from vrpo.encoders import build_encoder, pool_tokens, resample_tokens
+from vrpo.encoders.cache import FeatureCache, cache_slug
+from vrpo.errors import ConfigError
+from vrpo.models import SIZES, Projector, parse_arch
+from vrpo.objectives.base import Objective, ObjectiveOptions
 
 
 def default_encoder_depth(depth: int) -> int:
@@ -29,7 +33,7 @@ def default_encoder_depth(depth: int) -> int:
 
 
 @dataclass
-class AlignmentOptions(SiTOptions):
+class AlignmentOptions(ObjectiveOptions):
     encoders: list[str] = field(default_factory=lambda: ["efficientnet-lite0"])
     encoder_input_size: int = 0  # 0: the encoder's default (EfficientNet 256; DINOv2 224 * res / 256)
     encoder_weights: str | None = None  # DINOv2: local checkpoint (hub state dict or transformers folder)
@@ -40,9 +44,6 @@ class AlignmentOptions(SiTOptions):
     feature_cache: str | None = None  # cache root built by `vrpo cache-features`; None encodes on the fly
 
     def validate(self, cfg) -> None:
-        from vrpo.config import ConfigError
-        from vrpo.models import SIZES, parse_arch
-
         depth = SIZES[parse_arch(cfg.model.arch)[1]][1]
         if not 0 <= self.encoder_depth <= depth:
             raise ConfigError(f"objective.encoder_depth {self.encoder_depth} is outside blocks 1..{depth} of {cfg.model.arch}")
@@ -55,10 +56,17 @@ class AlignmentOptions(SiTOptions):
         if cfg.data.name == "tensors" and not self.feature_cache:
             raise ConfigError("latent data (data.name=tensors) has no pixels to encode: set objective.feature_cache")
 
+    def build_encoders(self, resolution: int) -> list:
+        return build_alignment_encoders(self, resolution)
+
+    def cache_root(self) -> str | None:
+        return self.feature_cache
+
+    def without_feature_cache(self) -> AlignmentOptions:
+        return replace(self, feature_cache=None)
+
 
 def build_alignment_encoders(options: AlignmentOptions, resolution: int):
-    from vrpo.encoders import build_encoder
-
     encoders = []
     for name in options.encoders:
         opts = {}
@@ -90,16 +98,21 @@ class AlignmentTargets(nn.Module):
         if options.token_grid == "pool_model":
             for e, grid in zip(self.encoders, self.encoder_grids):
                 if grid[0] > model.grid or grid[1] > model.grid:
-                    from vrpo.config import ConfigError
-
                     raise ConfigError(f"objective.token_grid=pool_model cannot pool the {model.grid}x{model.grid} model grid up to {e.name}'s {grid[0]}x{grid[1]}: use resample_targets")
         self.caches = None
         if options.feature_cache:
-            from vrpo.encoders.cache import FeatureCache, cache_slug
-
             if data is None:
                 raise ValueError("a feature cache needs the dataset to verify against")
             self.caches = [FeatureCache(Path(options.feature_cache) / cache_slug(e), e, data) for e in self.encoders]
+
+    def on_the_fly(self, cfg, model) -> AlignmentTargets:
+        """These projectors with targets encoded from pixels: held-out images are not in a training cache."""
+        if self.caches is None:
+            return self
+        with torch.random.fork_rng(devices=[]):  # the throwaway heads must not move the global RNG
+            other = AlignmentTargets(self.options.without_feature_cache(), cfg, model)
+        other.projectors = self.projectors
+        return other.to(next(self.projectors.parameters()).device)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -126,8 +139,6 @@ class AlignmentTargets(nn.Module):
         out = []
         for (tokens, _), grid in zip(outputs, self.encoder_grids):
             if grid != self.model_grid and self.options.token_grid == "resample_targets":
-                from vrpo.encoders import resample_tokens
-
                 tokens = resample_tokens(tokens, grid, self.model_grid, self.options.resample_mode)
             out.append(tokens)
         return out
@@ -137,8 +148,6 @@ class AlignmentTargets(nn.Module):
 
         ``projectors``: another set with one per encoder (VRPO's per-block heads); default ours.
         """
-        from vrpo.encoders import pool_tokens
-
         out = []
         for proj, grid in zip(self.projectors if projectors is None else projectors, self.encoder_grids):
             z = proj(hidden)
@@ -152,3 +161,24 @@ class AlignmentTargets(nn.Module):
         """Per-sample mean over tokens of cos(phi(h), y), averaged over encoders: [B]."""
         sims = [F.cosine_similarity(z.float(), y.float(), dim=-1).mean(dim=1) for z, y in zip(projected, targets)]
         return torch.stack(sims).mean(dim=0)
+
+
+class AlignmentObjective(Objective):
+    """A method that aligns block states to frozen encoder targets (``self.alignment``)."""
+
+    Options = AlignmentOptions
+
+    def __init__(self, options: AlignmentOptions, cfg, model, data=None):
+        super().__init__(options, cfg, model, data)
+        self.alignment = AlignmentTargets(options, cfg, model, data)
+        self._register_load_state_dict_pre_hook(_rename_legacy_keys)
+
+    def hidden_layers(self) -> tuple[int, ...]:
+        return (self.alignment.depth,)
+
+
+def _rename_legacy_keys(state_dict, prefix, *args) -> None:
+    """Checkpoints written before the contract named the targets ``align``."""
+    legacy = prefix + "align."
+    for key in [k for k in state_dict if k.startswith(legacy)]:
+        state_dict[prefix + "alignment." + key[len(legacy):]] = state_dict.pop(key)

@@ -1,10 +1,22 @@
-"""The interface every training method implements.
+"""The contract every training method implements, and all that callers may rely on.
 
-An objective is an ``nn.Module``: its own trainable heads (projectors) and running
-statistics (VRPO's reward EMAs) are its parameters and buffers, so they are optimised,
-checkpointed and synchronised with the network. ``loss`` returns the scalar to minimise
-and the numbers to log; all randomness comes from the generator it is handed, which the
-loop keys on (seed, step), so runs resume exactly and methods with one seed are paired.
+An objective is an ``nn.Module``: its trainable heads (projectors) and running statistics
+(VRPO's reward EMAs) are its parameters and buffers, so they are optimised, checkpointed
+and synchronised with the network. What a caller may ask of it:
+
+- ``Options``: its config section (a dataclass). ``families`` lists the model families it
+  trains (``flow`` for SiT-*, ``ddpm`` for DiT-*); ``build_encoders`` the frozen encoders it reads
+  and ``cache_root`` where their feature cache lives; ``without_feature_cache`` the same
+  options encoding on the fly (held-out images are not in a training cache).
+- ``noising`` (and ``family``): the forward process it trains on, from the config's model
+  family; ``denoise`` runs one noised pass through it, which every method builds on.
+- ``alignment``: its encoder targets and projectors (``AlignmentTargets``), or None.
+- ``hidden_layers()``: the blocks whose outputs its loss reads.
+- ``loss(model, batch, generator)``: the scalar to minimise and the numbers to log. All
+  randomness comes from ``generator``, which the loop keys on (seed, step, micro-batch),
+  so runs resume exactly and methods with one seed are paired.
+- hooks: ``end_of_step`` after every optimizer step, ``warnings`` on every logged record,
+  ``finalize`` at the end of a run.
 """
 
 from __future__ import annotations
@@ -15,13 +27,27 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
+from vrpo.transport.noising import build_noising
+
 
 @dataclass
 class ObjectiveOptions:
     name: str = "sit"
+    families: ClassVar[tuple[str, ...]] = ("flow", "ddpm")
 
     def validate(self, cfg) -> None:
         """Refuse combinations with the rest of the config that cannot work (ConfigError)."""
+
+    def build_encoders(self, resolution: int) -> list:
+        """The frozen encoders this method reads (built now; none by default)."""
+        return []
+
+    def cache_root(self) -> str | None:
+        """The folder of the encoders' feature cache, None when they encode on the fly."""
+        return None
+
+    def without_feature_cache(self) -> ObjectiveOptions:
+        return self
 
 
 @dataclass
@@ -38,20 +64,58 @@ class LossOutput:
     logs: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
+@dataclass
+class DenoisingStep:
+    """One noised batch and the network's pass over it, shared by every method."""
+
+    t: torch.Tensor  # [B] the family's times
+    model_t: torch.Tensor  # [B] the network's time input
+    noise: torch.Tensor
+    x_t: torch.Tensor
+    labels: torch.Tensor | None  # after label dropout
+    prediction: torch.Tensor
+    hidden: dict[int, torch.Tensor]
+    per_sample_loss: torch.Tensor  # [B] the family's denoising loss per sample
+    parts: dict[str, torch.Tensor]  # its named per-sample parts (flow: denoise; ddpm: mse, vb)
+
+    def logs(self) -> dict[str, torch.Tensor]:
+        return {f"loss_{name}": value.mean().detach() for name, value in self.parts.items()}
+
+
 class Objective(nn.Module):
+    """The denoising loss of the config's family alone (SiT, DiT); methods add to it."""
+
     name: ClassVar[str]
     Options: ClassVar[type[ObjectiveOptions]] = ObjectiveOptions
 
     def __init__(self, options: ObjectiveOptions, cfg, model: nn.Module, data=None):
         super().__init__()
         self.options = options
+        self.alignment = None  # AlignmentTargets of the methods that align to an encoder
+        self.noising = build_noising(cfg)
+        self.family = self.noising.family
+        self.label_dropout = cfg.train.label_dropout
+        self.null_class = model.null_class
+
+    def hidden_layers(self) -> tuple[int, ...]:
+        """Blocks whose outputs this method reads (1-based)."""
+        return ()
+
+    def denoise(self, model, batch: Batch, generator: torch.Generator) -> DenoisingStep:
+        # Draw order (t, noise, label dropout) is fixed so that every method sees the same draws.
+        x = batch.x
+        t = self.noising.draw_times(x.shape[0], generator, x.device)
+        noise = randn_like(x, generator)
+        labels = drop_labels(batch.labels, self.label_dropout, self.null_class, generator)
+        x_t = self.noising.add_noise(x, noise, t)
+        model_t = self.noising.model_time(t)
+        out = model(x_t, model_t, labels, hidden_layers=self.hidden_layers())
+        per_sample, parts = self.noising.loss_terms(out.prediction, x, noise, x_t, t)
+        return DenoisingStep(t, model_t, noise, x_t, labels, out.prediction, out.hidden, per_sample, parts)
 
     def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> LossOutput:
-        raise NotImplementedError  # abstract: every objective defines its loss
-
-    def finalize(self, run_dir) -> list:
-        """Hook at the end of a run (rank 0): method-specific plots; returns the files written."""
-        return []
+        step = self.denoise(model, batch, generator)
+        return LossOutput(step.per_sample_loss.mean(), step.logs())
 
     def end_of_step(self, step: int, applied: bool) -> None:
         """Hook after each step; ``applied`` is False when the step was skipped as non-finite."""
@@ -61,8 +125,12 @@ class Objective(nn.Module):
         {key: one-line message}. The loop prints each key once per run and logs it."""
         return {}
 
+    def finalize(self, run_dir) -> list:
+        """Hook at the end of a run (rank 0): method-specific plots; returns the files written."""
+        return []
 
-def drop_labels(labels: torch.Tensor | None, p: float, null_class: int, generator: torch.Generator) -> torch.Tensor | None:
+
+def drop_labels(labels: torch.Tensor | None, p: float, null_class: int, generator: torch.Generator):
     """Replace labels by the null class with probability p (classifier-free guidance training)."""
     if labels is None:
         return None

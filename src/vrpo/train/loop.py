@@ -17,15 +17,19 @@ from itertools import chain
 from pathlib import Path
 
 import torch
-import yaml
+from tqdm.auto import tqdm
 
-from vrpo.config import Config, ConfigError, config_from_dict, save_config
+from vrpo.config import Config, save_config
 from vrpo.data import ImageSet, batch_indices, data_position, load_dataset, step_generator
+from vrpo.errors import ConfigError
+from vrpo.eval.training import TrainingEvaluator
 from vrpo.models import DiffusionTransformer, build_model
 from vrpo.objectives import Batch, build_objective
-from vrpo.train.checkpoint import clean_temporaries, latest_checkpoint, restore_rng, save_checkpoint, unflatten_optimizer
+from vrpo.runs import load_run_config, read_metrics
+from vrpo.runs.checkpoint import clean_temporaries, latest_checkpoint, restore_rng, save_checkpoint, unflatten_optimizer
 from vrpo.train.ema import ema_decay, make_ema, update_ema
 from vrpo.train.logging import RunLogger
+from vrpo.transport import generate
 from vrpo.utils.dist import all_reduce_mean, any_rank, barrier, init_distributed
 from vrpo.utils.images import save_grid, to_model_space, to_uint8
 
@@ -76,7 +80,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, path)
         return
-    saved = _flat(config_from_dict(yaml.safe_load(path.read_text())).to_dict())
+    saved = _flat(load_run_config(run_dir).to_dict())
     now = _flat(cfg.to_dict())
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES and not k.startswith(("sampler.", "eval."))]
     if changed:
@@ -148,8 +152,7 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
         self.logger = RunLogger(self.run_dir, enabled=self.main, tensorboard=t.tensorboard)
         self.warned = self.logger.warned()
-        self.extractors: dict = {}  # evaluation networks, loaded on the first evaluation
-        self.ra_images = self.ra_align = None  # held-out images and targets for RA, likewise
+        self.evaluator = TrainingEvaluator(cfg, self.run_dir) if self.main else None
 
     # ------------------------------------------------------------ checkpoints
 
@@ -234,8 +237,6 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
-        from vrpo.transport import generate
-
         if not self.main:
             return None
         t, d = self.cfg.train, self.data
@@ -254,52 +255,9 @@ class Trainer:
         every = self.cfg.eval.every
         return every > 0 and (self.step % every == 0 or self.step == self.cfg.train.max_steps)
 
-    def evaluated_steps(self) -> set[int]:
-        from vrpo.train.logging import read_log
-
-        return {int(r["step"]) for r in read_log(self.run_dir / "metrics.jsonl")}
-
-    @torch.no_grad()
     def evaluate(self) -> dict | None:
-        """FID (and RA for alignment methods) of the EMA model at this step, into RUN/metrics.jsonl."""
-        if not self.main:
-            return None
-        from vrpo.eval.suite import describe_record, evaluate_during_training, run_reference
-
-        e = self.cfg.eval
-        extra = {}
-        align = getattr(self.objective, "align", None)
-        if align is not None and e.ra_num:
-            extra["ra"] = self.held_out_ra(align)
-        final = self.step == self.cfg.train.max_steps
-        num = e.final_num_samples if final and e.final_num_samples else e.num_samples
-        metrics = e.final_metrics if final and e.final_metrics else e.metrics
-        record = evaluate_during_training(
-            self.run_dir, self.ema, self.cfg, self.step, num, run_reference(self.cfg), metrics=metrics, seed=e.seed,
-            ref_num=e.ref_num, cache_dir=e.cache_dir, extractors=self.extractors, extra=extra,
-        )
-        print(describe_record(record))
-        return record
-
-    def held_out_ra(self, align, t: float = 0.5) -> float:
-        """RA (mean cosine of projected block-d states and encoder tokens) on held-out images at time t."""
-        from dataclasses import replace
-
-        from vrpo.data import balanced_subset, load_split
-        from vrpo.eval.suite import block_states
-        from vrpo.objectives.alignment import AlignmentTargets
-
-        if self.ra_images is None:
-            d, e = self.cfg.data, self.cfg.eval
-            self.ra_images = balanced_subset(load_split(d.name, "test", d.root, d.resolution), e.ra_num, e.seed).images
-            self.ra_align = align
-            if align.caches is not None:
-                # The training cache does not hold held-out images: encode them on the fly.
-                with torch.random.fork_rng(devices=[]):  # its throwaway heads must not move the global RNG
-                    self.ra_align = AlignmentTargets(replace(align.options, feature_cache=None), self.cfg, self.model).to(self.device)
-                self.ra_align.projectors = align.projectors
-        _, ra = block_states(self.ema, self.objective, self.cfg, self.ra_images, (t,), align.depth, self.ra_align, self.cfg.eval.seed)
-        return ra[t]
+        """The configured evaluation of the EMA weights at this step, into RUN/metrics.jsonl (rank 0)."""
+        return self.evaluator.evaluate(self.step, self.ema, self.objective, self.model) if self.main else None
 
     def report_warnings(self, record: dict[str, float]) -> None:
         """The objective's known failure modes, each printed and logged (rank 0) once per run."""
@@ -315,13 +273,11 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         t = self.cfg.train
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not (self.main and t.progress), dynamic_ncols=True, desc="train")
         window: dict[str, float] = {}
         window_steps, window_start = 0, time.perf_counter()
         last = {"loss": float("nan")}
-        if self.step and self.eval_due() and self.step not in self.evaluated_steps():
+        if self.step and self.eval_due() and self.step not in read_metrics(self.run_dir):
             self.evaluate()  # the run was stopped between its checkpoint and its evaluation
         while self.step < t.max_steps:
             last = self.train_one_step()

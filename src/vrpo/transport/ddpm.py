@@ -330,15 +330,18 @@ class GaussianDiffusion:
     def training_losses(
         self, model_fn: ModelFn, x0: Tensor, t_index: Tensor | int, noise: Tensor | None = None
     ) -> dict[str, Tensor]:
-        """DiT's hybrid loss: ``loss = mse(eps) + vb``, each of shape [B].
-
-        vb sees the eps prediction detached, so only the variance channels learn from it.
-        """
+        """DiT's hybrid loss: ``loss = mse(eps) + vb``, each of shape [B]."""
         if noise is None:
             noise = torch.randn_like(x0)
         t = self._index(t_index, x0)
         x_t = self.q_sample(x0, t, noise)
-        out = model_fn(x_t, self.model_timesteps(t, x_t))
+        return self.losses_from_output(model_fn(x_t, self.model_timesteps(t, x_t)), x0, x_t, t, noise)
+
+    def losses_from_output(self, out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
+        """The hybrid loss of a model output ``out`` [B, 2C, ...] at ``x_t`` = q_sample(x0, t, noise).
+
+        vb sees the eps prediction detached, so only the variance channels learn from it.
+        """
         C = x0.shape[1]
         frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1)
         vb = self._vb_bits(self._p_from_output(frozen, x_t, t, clip_denoised=False), x0, x_t, t)

@@ -1,0 +1,9 @@
+"""The project's one-line error types that every layer may raise (kept apart so no layer imports another for them)."""
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line that names the key."""
+
+
+class EvalError(RuntimeError):
+    """Bad evaluation input or a refused cache, phrased as one line."""

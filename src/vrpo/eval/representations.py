@@ -1,0 +1,139 @@
+"""Representation metrics of a run: RA, CKNNA and a linear probe on its block-d states of
+noised held-out images (in-domain, or another dataset for transfer)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from vrpo.data import balanced_subset, keyed_generator, load_split
+from vrpo.errors import EvalError
+from vrpo.eval.alignment import cknna, linear_probe_accuracy
+from vrpo.eval.references import PathLike
+from vrpo.eval.sample_metrics import FD_ENCODER_INPUT_SIZE, encoder_extractor, finite_or_none, parse_metrics
+from vrpo.eval.references import FeatureExtractor
+from vrpo.objectives import Batch, build_objective
+from vrpo.objectives.alignment import default_encoder_depth
+from vrpo.runs import latest_checkpoint, load_run_model
+from vrpo.utils.images import to_model_space
+
+RUN_METRICS = ("ra", "cknna", "probe")
+CKNNA_K = 10
+
+
+@torch.no_grad()
+def block_states(model, noising, images: torch.Tensor, timesteps: Sequence[float], depth: int,
+                 align=None, seed: int = 0, batch_size: int = 64) -> tuple[dict, dict]:
+    """Mean-pooled block-``depth`` states per timestep [N, D], and RA per timestep when ``align`` is given.
+
+    ``noising`` is the run's forward process (its objective's); ``t`` is the fraction of the way
+    from data to noise. Labels are the null class: class labels in the input would make the
+    probe trivial. Batch b's noise is keyed on (seed, b), the same at every timestep.
+    """
+    device = next(model.parameters()).device
+    pooled: dict[float, list] = {t: [] for t in timesteps}
+    cosines: dict[float, list] = {t: [] for t in timesteps}
+    for start in range(0, len(images), batch_size):
+        pixels = images[start : start + batch_size].to(device)
+        x = to_model_space(pixels)
+        noise = torch.randn(x.shape, generator=keyed_generator(seed, start)).to(device)
+        # Targets do not depend on t: encode once per batch.
+        targets = align.targets(Batch(x, None, pixels, torch.arange(start, start + len(x)))) if align is not None else None
+        for t in timesteps:
+            times = noising.fixed_times(t, x.shape[0], device)
+            x_t = noising.add_noise(x, noise, times)
+            hidden = model(x_t, noising.model_time(times), None, hidden_layers=(depth,), stop_after=depth).hidden[depth]
+            pooled[t].append(hidden.float().mean(dim=1).cpu())
+            if targets is not None:
+                cosines[t].append(align.cosine(align.project(hidden), targets).double().cpu())
+    features = {t: torch.cat(v) for t, v in pooled.items()}
+    ra = {t: torch.cat(v).mean().item() for t, v in cosines.items() if v}
+    return features, ra
+
+
+def evaluate_representations(
+    run_dir: PathLike,
+    metrics: str | Sequence[str] = RUN_METRICS,
+    *,
+    split: str = "test",
+    dataset: str | None = None,
+    timesteps: Sequence[float] = (0.25, 0.5, 0.75),
+    num: int = 1000,
+    probe_train: int | None = None,
+    which: str = "ema",
+    encoder: FeatureExtractor | None = None,
+    encoder_weights: PathLike | None = None,
+    encoder_name: str = "dinov2-vitb14",
+    encoder_input_size: int = FD_ENCODER_INPUT_SIZE,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """RA, CKNNA (k=10) and linear-probe accuracy of a run's block-d states on noised held-out images.
+
+    RA uses the run's own projector and encoder targets; CKNNA compares with the global
+    features of ``encoder`` (default: efficientnet-lite0 at 224, the same for every run so
+    that runs are comparable); the probe trains on ``probe_train`` (default ``num``) train images.
+    ``dataset`` ("NAME" or "NAME:SPLIT") measures on another dataset than the run's (transfer,
+    e.g. "digits:all" for a Fashion-MNIST run); its images are resized to the run's resolution.
+    """
+    start = time.perf_counter()
+    metrics = parse_metrics(metrics, RUN_METRICS)
+    if any(not 0.0 <= t <= 1.0 for t in timesteps) or not timesteps:
+        raise EvalError(f"timesteps must lie in [0, 1], got {list(timesteps)}")
+    cfg, model, step = load_run_model(run_dir, which, device)
+    if cfg.data.name == "tensors":
+        raise EvalError("representation metrics need pixel images; this run trains on latents (data.name=tensors)")
+    name, _, other_split = (dataset or cfg.data.name).partition(":")
+    split = other_split or split
+    root = cfg.data.root if name == cfg.data.name else None  # a user's copy elsewhere: $VRPO_DATA_ROOT
+    held_out = balanced_subset(load_split(name, split, root, cfg.data.resolution), num, seed)
+    if held_out.images.shape[1] != model.in_channels:
+        raise EvalError(f"{name}:{split} has {held_out.images.shape[1]} channel(s), the run's model takes {model.in_channels}")
+    cfg = replace(cfg, objective=cfg.objective.without_feature_cache())  # held-out images are not in the training cache
+    objective = build_objective(cfg, model, held_out).to(device)
+    checkpoint = latest_checkpoint(Path(run_dir))
+    if checkpoint.step != step:
+        raise EvalError(f"{run_dir} wrote a new checkpoint while loading (step {step} -> {checkpoint.step}); run again")
+    objective.load_state_dict(checkpoint.tensors["objective"])
+    objective.eval()
+    align = objective.alignment
+    depth = align.depth if align is not None else default_encoder_depth(model.depth)
+
+    result: dict[str, Any] = {
+        "run": str(run_dir), "step": step, "weights": which, "objective": cfg.objective.name,
+        "dataset": name, "split": split, "num": len(held_out), "depth": depth, "timesteps": list(timesteps),
+    }
+    need_ra = "ra" in metrics and align is not None
+    features, ra = block_states(model, objective.noising, held_out.images, timesteps, depth, align if need_ra else None, seed, batch_size)
+    if "ra" in metrics:
+        if align is None:
+            result["ra"] = None
+            result.setdefault("unavailable", {})["ra"] = f"objective {cfg.objective.name!r} has no projector to measure RA with"
+        else:
+            result.update({f"ra@{t:g}": ra[t] for t in timesteps})
+            result["ra"] = float(np.mean(list(ra.values())))
+    try:
+        if "cknna" in metrics:
+            encoder = encoder or encoder_extractor(encoder_weights, encoder_name, encoder_input_size, device, batch_size)
+            targets = encoder.features(held_out.images)["global"]
+            values = {t: cknna(features[t], targets, k=CKNNA_K) for t in timesteps}
+            result["cknna_encoder"] = encoder.info.get("feature_extractor")
+            result.update({f"cknna@{t:g}": finite_or_none(v) for t, v in values.items()})
+            result["cknna"] = finite_or_none(float(np.mean(list(values.values()))))
+        if "probe" in metrics:
+            train = balanced_subset(load_split(name, "train", root, cfg.data.resolution), probe_train or num, seed + 1)
+            train_features, _ = block_states(model, objective.noising, train.images, timesteps, depth, None, seed + 1, batch_size)
+            values = {t: linear_probe_accuracy(train_features[t], train.labels, features[t], held_out.labels) for t in timesteps}
+            result["probe_train"] = len(train)
+            result.update({f"probe@{t:g}": v for t, v in values.items()})
+            result["probe"] = float(np.mean(list(values.values())))
+    except ValueError as err:
+        raise EvalError(str(err)) from None
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result

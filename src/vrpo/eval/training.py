@@ -1,0 +1,100 @@
+"""The evaluator the training loop calls: FID (or the configured sample metrics) of the EMA
+weights at a step, with held-out RA for alignment methods, appended to RUN/metrics.jsonl.
+``evaluate_during_training`` is the same evaluation of any weights (the study's curve points)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from vrpo.data import balanced_subset, load_split
+from vrpo.errors import EvalError
+from vrpo.eval.references import DEFAULT_CACHE_DIR, DEFAULT_REF_NUM, FeatureExtractor, PathLike
+from vrpo.eval.representations import block_states
+from vrpo.eval.sample_metrics import describe_record, evaluate_samples, metrics_record
+from vrpo.runs import append_record
+from vrpo.sample import generate_images
+
+
+def run_reference(cfg) -> str:
+    """The reference a run's samples are scored against: eval.ref, or its dataset's test split."""
+    return cfg.eval.ref or f"{cfg.data.name}:test"
+
+
+def reference_root(cfg, ref: PathLike) -> str | None:
+    """The run's data root serves a reference split of the run's own dataset."""
+    return cfg.data.root if str(ref).partition(":")[0] == cfg.data.name else None
+
+
+def evaluate_during_training(
+    run_dir: PathLike,
+    model_or_ema,
+    cfg,
+    step: int,
+    num: int,
+    ref: PathLike,
+    *,
+    metrics: str | Sequence[str] = ("fid",),
+    seed: int = 0,
+    batch_size: int = 64,
+    ref_num: int = DEFAULT_REF_NUM,
+    cache_dir: PathLike = DEFAULT_CACHE_DIR,
+    extractors: dict[str, FeatureExtractor] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    **sampler_overrides,
+) -> dict[str, Any]:
+    """Sample ``num`` images, score them against the cached ``ref`` statistics, append to RUN/metrics.jsonl.
+
+    ``extra`` holds further numbers of this step (e.g. RA) stored in the same record.
+
+    Call on the main rank only. Pass the same ``extractors`` dict (e.g. ``{}``) every time:
+    the Inception network built on the first call stays in it. Returns the appended record.
+    """
+    if cfg.data.name == "tensors":
+        raise EvalError("sample metrics need pixels; latent runs would need a decoder first")
+    device = str(next(model_or_ema.parameters()).device)
+    images = generate_images(model_or_ema, cfg, num, seed, batch_size, **sampler_overrides)
+    result = evaluate_samples(images, ref, metrics, ref_num=ref_num, cache_dir=cache_dir, data_root=reference_root(cfg, ref),
+                              device=device, batch_size=batch_size, extractors=extractors)
+    record = {**metrics_record(step, result), **(extra or {})}
+    append_record(Path(run_dir) / "metrics.jsonl", record)
+    return record
+
+
+class TrainingEvaluator:
+    """Rank 0's evaluations during a run; keeps its networks and held-out images between calls."""
+
+    def __init__(self, cfg, run_dir: Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.extractors: dict[str, FeatureExtractor] = {}  # loaded on the first evaluation
+        self.ra_images = None
+
+    @torch.no_grad()
+    def evaluate(self, step: int, ema, objective, model) -> dict:
+        """Sample metrics of ``ema`` at ``step`` (the final step may use eval.final_*), and held-out RA
+        when the objective aligns (``model``: the network the objective was built for)."""
+        e = self.cfg.eval
+        extra = {}
+        if objective.alignment is not None and e.ra_num:
+            extra["ra"] = self.held_out_ra(ema, objective, model)
+        final = step == self.cfg.train.max_steps
+        num = e.final_num_samples if final and e.final_num_samples else e.num_samples
+        metrics = e.final_metrics if final and e.final_metrics else e.metrics
+        record = evaluate_during_training(
+            self.run_dir, ema, self.cfg, step, num, run_reference(self.cfg), metrics=metrics, seed=e.seed,
+            ref_num=e.ref_num, cache_dir=e.cache_dir, extractors=self.extractors, extra=extra,
+        )
+        print(describe_record(record))
+        return record
+
+    def held_out_ra(self, ema, objective, model, t: float = 0.5) -> float:
+        """RA (mean cosine of projected block-d states and encoder tokens) on held-out images at time t."""
+        d, e = self.cfg.data, self.cfg.eval
+        if self.ra_images is None:
+            self.ra_images = balanced_subset(load_split(d.name, "test", d.root, d.resolution), e.ra_num, e.seed).images
+            self.ra_alignment = objective.alignment.on_the_fly(self.cfg, model)
+        align = self.ra_alignment
+        _, ra = block_states(ema, objective.noising, self.ra_images, (t,), align.depth, align, e.seed)
+        return ra[t]

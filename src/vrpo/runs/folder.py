@@ -1,0 +1,46 @@
+"""Reading a run folder: its config, its model at a checkpoint, its evaluated steps.
+
+Every command that reads a finished or running run (``vrpo sample``, ``vrpo eval``, the study,
+a resumed training) goes through here, so a run folder has one reader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from vrpo.config import Config, config_from_dict
+from vrpo.models import build_model
+from vrpo.runs.checkpoint import load_weights, step_dirs
+from vrpo.runs.logs import read_log
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
+    return config_from_dict(yaml.safe_load(path.read_text()))
+
+
+def load_run_model(run_dir: str | Path, which: str = "ema", device: str = "cpu", step: int | None = None):
+    """(config, model with the run's newest good weights, or those of ``step``, step) for a run folder."""
+    cfg = load_run_config(run_dir)
+    weights, step = load_weights(Path(run_dir), which, step)
+    has_labels = "y_embedder.table.weight" in weights
+    num_classes = weights["y_embedder.table.weight"].shape[0] - 1 if has_labels else 0
+    channels = weights["patch_embed.weight"].shape[1]
+    model = build_model(cfg.model.arch, cfg.data.resolution, channels, num_classes, mlp_ratio=cfg.model.mlp_ratio,
+                        qk_norm=cfg.model.qk_norm)
+    model.load_state_dict(weights)
+    return cfg, model.to(device).eval(), step
+
+
+def newest_checkpoint_step(run_dir: str | Path) -> int | None:
+    found = step_dirs(Path(run_dir))
+    return int(found[0].name[5:]) if found else None
+
+
+def read_metrics(run_dir: str | Path) -> dict[int, dict]:
+    """step -> the evaluation record of that step (RUN/metrics.jsonl)."""
+    return {int(r["step"]): r for r in read_log(Path(run_dir) / "metrics.jsonl")}
