@@ -1,5 +1,5 @@
 # make demo: install what is missing, then a short training run on Fashion-MNIST.
-# make test: install what is missing, then the test suite (CPU, a few minutes).
+# make test: install what is missing, then lint (ruff) and the test suite (CPU, a few minutes).
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 RUN ?= runs/demo
@@ -7,7 +7,7 @@ DEMO_CONFIG ?= configs/fmnist/demo.yaml
 FMNIST_DIR = /usr/share/datasets/fashion-mnist
 STAMP = .make-installed
 
-.PHONY: install data demo test bench clean
+.PHONY: install data demo lint format test bench clean
 
 install: $(STAMP)
 
@@ -32,7 +32,15 @@ demo: install data
 	$(PYTHON) -m vrpo.cli sample --run $(RUN) --num 100 --out $(RUN)/samples.npz
 	$(PYTHON) -m vrpo.cli eval --run $(RUN) --metrics ra,cknna,probe --num 500 --timesteps 0.5 --append $(RUN)/metrics.jsonl
 
-test: install data
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format: install
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
+
+test: lint data
 	@$(PYTHON) -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 

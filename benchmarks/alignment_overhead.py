@@ -15,7 +15,6 @@ import json
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -27,8 +26,13 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="configs/fmnist/repa-t2.yaml")
     parser.add_argument("--arch", default="SiT-T/2")
     parser.add_argument("--objectives", default="repa", help="comma-separated alignment objectives")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE;KEY=VALUE",
-                        help="an extra cached run, e.g. 'vrpo-sem:objective.name=vrpo;objective.rewards=[semantic]'")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE;KEY=VALUE",
+        help="an extra cached run, e.g. 'vrpo-sem:objective.name=vrpo;objective.rewards=[semantic]'",
+    )
     parser.add_argument("--no-on-the-fly", action="store_true", help="time only the cached runs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--limit", type=int, default=640, help="images in the cached subset")
@@ -38,23 +42,14 @@ def main(argv=None) -> int:
 
     from vrpo.config import load_config
     from vrpo.data import load_dataset
-    from vrpo.encoders.cache import build_cache, cache_slug
-    from vrpo.objectives.alignment import build_alignment_encoders
+    from vrpo.encoders.cache import build_feature_caches
 
     base = [f"model.arch={args.arch}", f"data.limit={args.limit}", *args.set]
     with tempfile.TemporaryDirectory() as cache_root:
         cfg = load_config(args.config, [*base, f"objective.feature_cache={cache_root}"])
-        data = load_dataset(cfg.data)
-        cache = {}
-        for encoder in build_alignment_encoders(cfg.objective, cfg.data.resolution):
-            folder = Path(cache_root) / cache_slug(encoder)
-            start = time.perf_counter()
-            build_cache(folder, encoder, data, progress=False)
-            cache[encoder.name] = {
-                "images": len(data),
-                "build_s": time.perf_counter() - start,
-                "mib": sum(p.stat().st_size for p in folder.iterdir()) / 2**20,
-            }
+        encoders = cfg.objective.build_encoders(cfg.data.resolution)
+        built = build_feature_caches(encoders, cache_root, lambda: load_dataset(cfg.data), progress=False)
+        cache = {b["encoder"]: {"images": b["images"], "build_s": b["build_s"], "mib": b["mib"]} for b in built}
         cached = f"objective.feature_cache={cache_root}"
         variants = {"sit": (args.config, [*base, "objective={name: sit}"])}
         for name in filter(None, args.objectives.split(",")):
@@ -67,15 +62,19 @@ def main(argv=None) -> int:
             variants[name] = (args.config, [*base, *overrides.split(";"), cached])
         runs = measure_interleaved(variants, args.steps, args.warmup)
     sit_ms = runs["sit"]["ms_per_step_median"]
-    print(json.dumps({
-        "arch": args.arch,
-        "config": args.config,
-        "steps_per_variant": args.steps,
-        "ms_per_step_median": {k: round(v["ms_per_step_median"], 1) for k, v in runs.items()},
-        "ratio_over_sit": {k: round(v["ms_per_step_median"] / sit_ms, 3) for k, v in runs.items()},
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "cache": cache,
-    }))
+    print(
+        json.dumps(
+            {
+                "arch": args.arch,
+                "config": args.config,
+                "steps_per_variant": args.steps,
+                "ms_per_step_median": {k: round(v["ms_per_step_median"], 1) for k, v in runs.items()},
+                "ratio_over_sit": {k: round(v["ms_per_step_median"] / sit_ms, 3) for k, v in runs.items()},
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "cache": cache,
+            }
+        )
+    )
     return 0
 
 

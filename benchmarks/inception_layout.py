@@ -37,12 +37,18 @@ def main(argv=None) -> int:
             features[name] = model(images)["pool"]
             seconds[name].append(time.perf_counter() - start)
     rate = {k: args.images / sorted(v[1:])[len(v[1:]) // 2] for k, v in seconds.items()}
-    print(json.dumps({
-        "images_per_s_median": {k: round(v, 2) for k, v in rate.items()},
-        "nhwc_over_nchw": round(rate["nhwc"] / rate["nchw"], 3),
-        "max_abs_pool_difference": float(abs(features["nhwc"] - features["nchw"]).max()),
-        "threads": torch.get_num_threads(), "images": args.images, "rounds": args.rounds,
-    }))
+    print(
+        json.dumps(
+            {
+                "images_per_s_median": {k: round(v, 2) for k, v in rate.items()},
+                "nhwc_over_nchw": round(rate["nhwc"] / rate["nchw"], 3),
+                "max_abs_pool_difference": float(abs(features["nhwc"] - features["nchw"]).max()),
+                "threads": torch.get_num_threads(),
+                "images": args.images,
+                "rounds": args.rounds,
+            }
+        )
+    )
     return 0
 
 

@@ -21,7 +21,9 @@ def measure(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
     from vrpo.config import load_config
     from vrpo.train.loop import Trainer
 
-    cfg = load_config(config, [*overrides, "train.progress=false", "train.tensorboard=false", f"train.max_steps={steps + warmup}"])
+    cfg = load_config(
+        config, [*overrides, "train.progress=false", "train.tensorboard=false", f"train.max_steps={steps + warmup}"]
+    )
     with tempfile.TemporaryDirectory() as run:
         trainer = Trainer(cfg, run)
         for _ in range(warmup):
@@ -61,7 +63,10 @@ def measure_interleaved(variants: dict[str, tuple[str, list[str]]], steps: int, 
     trainers, batch = {}, {}
     with tempfile.TemporaryDirectory() as root:
         for i, (name, (config, overrides)) in enumerate(variants.items()):
-            cfg = load_config(config, [*overrides, "train.progress=false", "train.tensorboard=false", f"train.max_steps={steps + warmup}"])
+            cfg = load_config(
+                config,
+                [*overrides, "train.progress=false", "train.tensorboard=false", f"train.max_steps={steps + warmup}"],
+            )
             trainers[name] = Trainer(cfg, f"{root}/{i}")
             batch[name] = cfg.train.batch_size
         times: dict[str, list[float]] = {name: [] for name in trainers}

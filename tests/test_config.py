@@ -89,4 +89,6 @@ def test_ablation_presets_differ_from_vrpo_t2_in_one_choice():
     base = load_config("configs/fmnist/vrpo-t2.yaml").to_dict()
     fixed = load_config("configs/fmnist/ablations/weights-fixed.yaml").to_dict()
     changed = {k for k in base["objective"] if base["objective"][k] != fixed["objective"][k]}
-    assert changed == {"weighting"} and {k: base[k] for k in base if k != "objective"} == {k: fixed[k] for k in fixed if k != "objective"}
+    assert changed == {"weighting"} and {k: base[k] for k in base if k != "objective"} == {
+        k: fixed[k] for k in fixed if k != "objective"
+    }

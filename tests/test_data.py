@@ -16,7 +16,7 @@ def write_idx(path, array):
 
 def fake_mnist(folder, n=20):
     rng = np.random.default_rng(0)
-    for split, stem in (("train", "train"), ("test", "t10k")):
+    for stem in ("train", "t10k"):
         write_idx(folder / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         write_idx(folder / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
 

@@ -20,12 +20,14 @@ def _closed_form_abar(betas, t):
 
 def _oracle(base: GaussianDiffusion, x0: torch.Tensor):
     """Model returning the true noise, read off the ORIGINAL schedule at the received time."""
+
     def model_fn(x_t, t_float):
         assert t_float.dtype == torch.float32
         idx = t_float.round().long()
         ab = base.alphas_cumprod[idx].to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
         eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
         return torch.cat([eps, torch.zeros_like(eps)], dim=1)
+
     return model_fn
 
 
@@ -91,15 +93,15 @@ def test_normal_kl():
     assert torch.allclose(normal_kl(m, lv, m, lv), torch.zeros(5, dtype=torch.float64), atol=1e-12)
     m2, lv2 = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     ref = torch.distributions.kl_divergence(
-        torch.distributions.Normal(m, (0.5 * lv).exp()), torch.distributions.Normal(m2, (0.5 * lv2).exp()))
+        torch.distributions.Normal(m, (0.5 * lv).exp()), torch.distributions.Normal(m2, (0.5 * lv2).exp())
+    )
     torch.testing.assert_close(normal_kl(m, lv, m2, lv2), ref)
 
 
 @pytest.mark.parametrize("mean,std", [(0.1, 0.3), (-0.9, 0.05), (0.0, 2.0)])
 def test_discretized_likelihood_sums_to_one(mean, std):
     x = torch.linspace(-1, 1, 256, dtype=torch.float64)
-    lp = discretized_gaussian_log_likelihood(
-        x, torch.full_like(x, mean), torch.full_like(x, math.log(std)))
+    lp = discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), torch.full_like(x, math.log(std)))
     assert lp.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
 
 
@@ -118,8 +120,14 @@ def test_respacing():
     betas = linear_beta_schedule()
     base = GaussianDiffusion(betas)
     full = GaussianDiffusion.respaced(betas, range(1000))
-    for name in ("betas", "alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-                 "posterior_mean_coef1", "posterior_mean_coef2"):
+    for name in (
+        "betas",
+        "alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+    ):
         torch.testing.assert_close(getattr(full, name), getattr(base, name), rtol=1e-12, atol=1e-15)
     assert torch.equal(full.timestep_map, torch.arange(1000))
 
@@ -152,8 +160,9 @@ def test_oracle_recovers_x0(respace):
     assert p["mean"].dtype == torch.float32
     torch.testing.assert_close(p["pred_xstart"], x32, rtol=0, atol=1e-3)
     # Oracle noise gives zero eps error.
-    losses = d.training_losses(model, x0, torch.arange(4) % d.num_timesteps,
-                               torch.randn(x0.shape, generator=g, dtype=torch.float64))
+    losses = d.training_losses(
+        model, x0, torch.arange(4) % d.num_timesteps, torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    )
     assert losses["mse"].abs().max() < 1e-16
 
 
@@ -178,8 +187,9 @@ def test_p_sample_loop_deterministic_and_uses_original_times():
     assert all(s.dtype == torch.float32 and s.shape == (2,) for s in seen)
     # Without explicit noise the generator also supplies x_T.
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert torch.equal(d.p_sample_loop(model_fn, (1, 3, 2, 2), generator=g1),
-                       d.p_sample_loop(model_fn, (1, 3, 2, 2), generator=g2))
+    assert torch.equal(
+        d.p_sample_loop(model_fn, (1, 3, 2, 2), generator=g1), d.p_sample_loop(model_fn, (1, 3, 2, 2), generator=g2)
+    )
 
 
 def test_last_step_adds_no_noise():

@@ -3,7 +3,6 @@
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from vrpo.config import load_config
-from vrpo.train import train
 from vrpo.runs.checkpoint import step_dirs
+from vrpo.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,8 +19,18 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_two_ranks_match_one_process_with_accumulation(tmp_path, tiny_overrides):
     steps = ["train.max_steps=3", "train.ckpt_every=3", "train.log_every=1", "train.label_dropout=0.0"]
-    args = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "vrpo.cli", "train",
-            "--config", str(ROOT / "configs/fmnist/sit-t2.yaml"), "--out", str(tmp_path / "ddp")]
+    args = [
+        "torchrun",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "vrpo.cli",
+        "train",
+        "--config",
+        str(ROOT / "configs/fmnist/sit-t2.yaml"),
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
     for item in [*tiny_overrides, *steps]:
         args += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -74,8 +74,13 @@ def _to_hf(sd: dict[str, torch.Tensor], cfg: DINOv2Config) -> dict[str, torch.Te
         "norm.weight": "layernorm.weight",
         "norm.bias": "layernorm.bias",
     }
-    layer = {"attn.proj": "attention.output.dense", "ls1.gamma": "layer_scale1.lambda1",
-             "ls2.gamma": "layer_scale2.lambda1", "mlp.w12": "mlp.weights_in", "mlp.w3": "mlp.weights_out"}
+    layer = {
+        "attn.proj": "attention.output.dense",
+        "ls1.gamma": "layer_scale1.lambda1",
+        "ls2.gamma": "layer_scale2.lambda1",
+        "mlp.w12": "mlp.weights_in",
+        "mlp.w3": "mlp.weights_out",
+    }
     for k, v in sd.items():
         if k in simple:
             out[simple[k]] = v
@@ -89,7 +94,7 @@ def _to_hf(sd: dict[str, torch.Tensor], cfg: DINOv2Config) -> dict[str, torch.Te
             continue
         for a, b in layer.items():
             if rest.startswith(a):
-                rest = b + rest[len(a):]
+                rest = b + rest[len(a) :]
                 break
         out[pre + rest] = v
     return {k: v.contiguous().clone() for k, v in out.items()}
@@ -219,8 +224,9 @@ def test_dinov2_resolution_rule():
 def test_multi_encoder_runs_all_and_stays_frozen():
     cfg = _tiny_config(0, False)
     sd = _random_vit(cfg).state_dict()
-    multi = MultiEncoder([DINOv2Encoder(config=cfg, weights=sd, input_size=28),
-                          DINOv2Encoder(config=cfg, weights=sd, input_size=42)])
+    multi = MultiEncoder(
+        [DINOv2Encoder(config=cfg, weights=sd, input_size=28), DINOv2Encoder(config=cfg, weights=sd, input_size=42)]
+    )
     outs = multi(_images())
     assert [o.grid for o in outs] == [(2, 2), (3, 3)] == multi.grids_for((32, 32))
     assert multi.token_dims == [32, 32] and len(multi.describe()) == 2

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from vrpo.cli import main
-from vrpo.eval.frechet import frechet_distance_from_features
 from vrpo.errors import EvalError
+from vrpo.eval.frechet import frechet_distance_from_features
 from vrpo.eval.references import FeatureExtractor
 from vrpo.eval.sample_metrics import evaluate_samples
 from vrpo.eval.training import evaluate_during_training
@@ -28,7 +28,9 @@ def write_npz(path, images_nchw, labels=None):
 
 
 def random_images(n, size=8, channels=1, seed=0):
-    return torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, 256, (n, channels, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 class StubFeatures:
@@ -42,13 +44,17 @@ class StubFeatures:
         flat = images.flatten(1).double()
         out = {}
         for i, key in enumerate(self.keys):
-            weights = torch.randn(flat.shape[1], self.dim, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+            weights = torch.randn(
+                flat.shape[1], self.dim, generator=torch.Generator().manual_seed(i), dtype=torch.float64
+            )
             out[key] = (flat / 255 @ weights).numpy()
         return out
 
 
 def stub_extractors(version="1"):
-    inception = FeatureExtractor("inception", {"feature_extractor": "stub-inception", "feature_extractor_version": version}, StubFeatures())
+    inception = FeatureExtractor(
+        "inception", {"feature_extractor": "stub-inception", "feature_extractor_version": version}, StubFeatures()
+    )
     encoder = FeatureExtractor("stubenc-8", {"feature_extractor": "stubenc global"}, StubFeatures(("global",), 5))
     return {"inception": inception, "encoder": encoder}
 
@@ -69,7 +75,9 @@ def test_json_pipeline_values_and_inception_score_note(files):
     result = evaluate_samples(samples, reference, "fid,sfid,pr,fd_encoder", cache_dir=cache, extractors=extractors)
     json.dumps(result, allow_nan=False)  # one valid JSON object
     stub = extractors["inception"].features
-    expected = frechet_distance_from_features(stub(random_images(12, seed=1))["pool"], stub(random_images(20, seed=2))["pool"])
+    expected = frechet_distance_from_features(
+        stub(random_images(12, seed=1))["pool"], stub(random_images(20, seed=2))["pool"]
+    )
     assert result["fid"] == pytest.approx(expected, rel=1e-9)
     assert result["sfid"] > 0 and result["fd_stubenc"] > 0
     assert 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
@@ -113,8 +121,13 @@ def test_dataset_split_reference_is_a_balanced_subset(tmp_path):
 
     images = load_split("digits", "test").images[:16]
     samples = write_npz(tmp_path / "s.npz", images)
-    result = evaluate_samples(samples, "digits:test", "fid", ref_num=30, cache_dir=tmp_path, extractors=stub_extractors())
-    assert result["reference_num"] == 30 and Path(result["reference_stats"]["inception"]).name == "digits-test-n30-inception.npz"
+    result = evaluate_samples(
+        samples, "digits:test", "fid", ref_num=30, cache_dir=tmp_path, extractors=stub_extractors()
+    )
+    assert (
+        result["reference_num"] == 30
+        and Path(result["reference_stats"]["inception"]).name == "digits-test-n30-inception.npz"
+    )
 
 
 # ---------------------------------------------------------------- bad input (through the CLI: one line, rc 1)
@@ -136,14 +149,22 @@ def test_bad_inputs_give_one_line_errors(files, tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "a.png")
     Image.fromarray(np.zeros((10, 12), np.uint8)).save(folder / "b.png")
     assert "mixed sizes (1 of 8x8, 1 of 10x12)" in cli_error(capsys, "--samples", str(folder), "--ref", str(reference))
-    assert "holds 12 images, fewer than --num 50" in cli_error(capsys, "--samples", str(samples), "--ref", str(reference), "--num", "50")
+    assert "holds 12 images, fewer than --num 50" in cli_error(
+        capsys, "--samples", str(samples), "--ref", str(reference), "--num", "50"
+    )
     big = write_npz(tmp_path / "big.npz", random_images(20, size=16, channels=3))
     err = cli_error(capsys, "--samples", str(samples), "--ref", str(big), "--cache-dir", str(cache))
     assert "samples are 8x8 px with 1 channel but reference" in err and "16x16 px with 3 channels" in err
-    assert "missing.npz not found" in cli_error(capsys, "--samples", str(tmp_path / "missing.npz"), "--ref", str(reference))
+    assert "missing.npz not found" in cli_error(
+        capsys, "--samples", str(tmp_path / "missing.npz"), "--ref", str(reference)
+    )
     assert "reference nowhere.npz not found" in cli_error(capsys, "--samples", str(samples), "--ref", "nowhere.npz")
-    assert "unknown metric 'kid'" in cli_error(capsys, "--samples", str(samples), "--ref", str(reference), "--metrics", "kid")
-    assert "--append needs --step" in cli_error(capsys, "--samples", str(samples), "--ref", str(reference), "--append", str(tmp_path / "m.jsonl"))
+    assert "unknown metric 'kid'" in cli_error(
+        capsys, "--samples", str(samples), "--ref", str(reference), "--metrics", "kid"
+    )
+    assert "--append needs --step" in cli_error(
+        capsys, "--samples", str(samples), "--ref", str(reference), "--append", str(tmp_path / "m.jsonl")
+    )
     assert not cache.exists()  # every refusal came before any statistics were written
 
 
@@ -155,8 +176,23 @@ def test_real_inception_end_to_end_through_the_cli(tmp_path, capsys):
     samples = write_npz(tmp_path / "s.npz", random_images(4, size=16, channels=3, seed=4))
     reference = write_npz(tmp_path / "r.npz", random_images(4, size=16, channels=3, seed=5))
     run = tmp_path / "run"
-    argv = ["eval", "--samples", str(samples), "--ref", str(reference), "--metrics", "fid,sfid,pr",
-            "--cache-dir", str(tmp_path / "cache"), "--append", str(run / "metrics.jsonl"), "--step", "7", "--device", "cpu"]
+    argv = [
+        "eval",
+        "--samples",
+        str(samples),
+        "--ref",
+        str(reference),
+        "--metrics",
+        "fid,sfid,pr",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--append",
+        str(run / "metrics.jsonl"),
+        "--step",
+        "7",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["fid"] > 0 and result["sfid"] > 0 and set(result) >= {"precision", "recall", "inception_score"}
@@ -173,7 +209,9 @@ def test_plot_writes_a_png(tmp_path, capsys):
         run = tmp_path / name
         run.mkdir()
         lines = [{"step": s, "fid": 50.0 - s / 10 + offset, "sfid": 10.0} for s in (100, 200, 300)]
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4')  # a cut last line
+        (run / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4'
+        )  # a cut last line
     out = tmp_path / "plots" / "fid.png"
     assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--metric", "fid,sfid"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -194,9 +232,15 @@ def tiny_runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("runs")
     common = [*TINY, "data.limit=64", "train.max_steps=2", "train.ckpt_every=2"]
-    repa = load_config(ROOT / "configs/fmnist/repa-t2.yaml", [
-        *common, "objective.projector_width=64", "objective.encoder_input_size=64", "objective.feature_cache=null",
-    ])
+    repa = load_config(
+        ROOT / "configs/fmnist/repa-t2.yaml",
+        [
+            *common,
+            "objective.projector_width=64",
+            "objective.encoder_input_size=64",
+            "objective.feature_cache=null",
+        ],
+    )
     sit = load_config(ROOT / "configs/fmnist/sit-t2.yaml", common)
     train(repa, root / "repa")
     train(sit, root / "sit")
@@ -205,7 +249,19 @@ def tiny_runs(tmp_path_factory):
 
 def test_run_metrics_of_a_repa_run_through_the_cli(tiny_runs, capsys):
     run = tiny_runs / "repa"
-    argv = ["eval", "--run", str(run), "--num", "24", "--timesteps", "0.25,0.75", "--encoder-input-size", "64", "--device", "cpu"]
+    argv = [
+        "eval",
+        "--run",
+        str(run),
+        "--num",
+        "24",
+        "--timesteps",
+        "0.25,0.75",
+        "--encoder-input-size",
+        "64",
+        "--device",
+        "cpu",
+    ]
     assert main([*argv, "--append", str(run / "metrics.jsonl")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["step"] == 2 and result["depth"] == 2 and result["num"] == 24 and result["probe_train"] == 24
@@ -236,8 +292,12 @@ def test_evaluate_during_training_appends_fid(tiny_runs, tmp_path):
     run = tiny_runs / "sit"
     cfg, ema, step = load_run_model(run)
     extractors = stub_extractors()
-    record = evaluate_during_training(run, ema, cfg, step, 12, "digits:test", ref_num=30, cache_dir=tmp_path, extractors=extractors)
-    again = evaluate_during_training(run, ema, cfg, step + 1, 12, "digits:test", ref_num=30, cache_dir=tmp_path, extractors=extractors)
+    record = evaluate_during_training(
+        run, ema, cfg, step, 12, "digits:test", ref_num=30, cache_dir=tmp_path, extractors=extractors
+    )
+    again = evaluate_during_training(
+        run, ema, cfg, step + 1, 12, "digits:test", ref_num=30, cache_dir=tmp_path, extractors=extractors
+    )
     assert again["fid"] == record["fid"]  # fixed seed: the same samples
     assert extractors["inception"].features.calls == [30, 12, 12]
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

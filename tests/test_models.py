@@ -30,7 +30,7 @@ def test_dit_learns_sigma_with_doubled_channels():
 
 def test_sizes_by_name():
     widths = {"T": 192, "S": 384, "B": 768, "L": 1024, "XL": 1152}
-    for size, width in widths.items():
+    for size in widths:
         assert parse_arch(f"SiT-{size}/2") == ("SiT", size, 2)
     assert len(model_names()) == 2 * 5 * 4
     with pytest.raises(ValueError, match="unknown architecture"):

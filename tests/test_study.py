@@ -16,16 +16,38 @@ def _root(monkeypatch, request):
 
 def write_study(tmp_path, methods, eval_every=2, **extra):
     tiny = [
-        "data.name=digits", "data.limit=40", "model.arch=SiT-T/8", "train.batch_size=8", "train.threads=1",
-        "train.progress=false", "train.tensorboard=false", "sampler.steps=2", "train.sample_grid=4",
-        "objective.projector_width=64", "objective.encoder_input_size=64",
-        f"objective.feature_cache={tmp_path / 'cache'}", "train.max_steps=2", "train.log_every=1", f"eval.every={eval_every}", "eval.num_samples=8",
-        "eval.ref=digits:test", "eval.ref_num=16", "eval.ra_num=8", f"eval.cache_dir={tmp_path / 'refstats'}",
+        "data.name=digits",
+        "data.limit=40",
+        "model.arch=SiT-T/8",
+        "train.batch_size=8",
+        "train.threads=1",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "sampler.steps=2",
+        "train.sample_grid=4",
+        "objective.projector_width=64",
+        "objective.encoder_input_size=64",
+        f"objective.feature_cache={tmp_path / 'cache'}",
+        "train.max_steps=2",
+        "train.log_every=1",
+        f"eval.every={eval_every}",
+        "eval.num_samples=8",
+        "eval.ref=digits:test",
+        "eval.ref_num=16",
+        "eval.ra_num=8",
+        f"eval.cache_dir={tmp_path / 'refstats'}",
     ]
     study = {
-        "name": "tiny", "out": str(tmp_path / "runs"), "report": str(tmp_path / "report.md"),
-        "base": "configs/fmnist/repa-t2.yaml", "set": tiny, "baseline": "sit", "seeds": [0, 1], "methods": methods,
-        "index": str(tmp_path / "results.md"), **extra,
+        "name": "tiny",
+        "out": str(tmp_path / "runs"),
+        "report": str(tmp_path / "report.md"),
+        "base": "configs/fmnist/repa-t2.yaml",
+        "set": tiny,
+        "baseline": "sit",
+        "seeds": [0, 1],
+        "methods": methods,
+        "index": str(tmp_path / "results.md"),
+        **extra,
     }
     path = tmp_path / "study.yaml"
     path.write_text(json.dumps(study))
@@ -62,10 +84,17 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
     import shutil
 
     (tmp_path / "results.md").write_text("# Results\n\nHand-written notes stay.\n")
-    path = write_study(tmp_path, {"sit": ["objective={name: sit}"], "repa": []}, eval_every=1, seeds=[0, 1],
-                       metrics=["fid", "fid_12", "ra", "var:loss"], speedup={"reference": "repa", "metric": "fid"},
-                       final={"num_samples": 12, "metrics": ["fid"]}, contrasts=[["sit", "repa"]],
-                       representations={"metrics": ["ra", "cknna"], "num": 16, "transfer": "fashion-mnist"})
+    path = write_study(
+        tmp_path,
+        {"sit": ["objective={name: sit}"], "repa": []},
+        eval_every=1,
+        seeds=[0, 1],
+        metrics=["fid", "fid_12", "ra", "var:loss"],
+        speedup={"reference": "repa", "metric": "fid"},
+        final={"num_samples": 12, "metrics": ["fid"]},
+        contrasts=[["sit", "repa"]],
+        representations={"metrics": ["ra", "cknna"], "num": 16, "transfer": "fashion-mnist"},
+    )
     spec = load_study(path)
     run_study(spec, log=lambda *_: None)
     archive = tmp_path / "report" / "repa" / "seed1"
@@ -88,13 +117,22 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
     index = (tmp_path / "results.md").read_text()
     assert index.count("<!-- study:tiny -->") == 1 and "Hand-written notes stay." in index
     # another study with a run of the same resolved config reuses that run's archive
-    twin = write_study(tmp_path, {"repa": [], "sit": ["objective={name: sit}"], "sit-lr": ["objective={name: sit}", "optim.lr=2e-3"]},
-                       eval_every=1, seeds=[0], name="twin", out=str(tmp_path / "twin-runs"), report=str(tmp_path / "twin.md"))
+    twin = write_study(
+        tmp_path,
+        {"repa": [], "sit": ["objective={name: sit}"], "sit-lr": ["objective={name: sit}", "optim.lr=2e-3"]},
+        eval_every=1,
+        seeds=[0],
+        name="twin",
+        out=str(tmp_path / "twin-runs"),
+        report=str(tmp_path / "twin.md"),
+    )
     messages = []
     run_study(load_study(twin), log=messages.append)
     assert sum("reusing it" in m for m in messages) == 2  # repa and sit, not sit-lr
     assert sorted(p.name for p in (tmp_path / "twin-runs").iterdir()) == ["sit-lr"]
-    assert (tmp_path / "twin" / "repa" / "seed0" / "metrics.jsonl").read_text() == (archive.parent / "seed0" / "metrics.jsonl").read_text()
+    assert (tmp_path / "twin" / "repa" / "seed0" / "metrics.jsonl").read_text() == (
+        archive.parent / "seed0" / "metrics.jsonl"
+    ).read_text()
 
 
 def test_study_extends_another(tmp_path):
@@ -157,7 +195,9 @@ def test_one_seed_has_no_interval():
 def test_defer_final_leaves_the_final_evaluation_for_a_later_call(tmp_path):
     from vrpo.cli import main
 
-    path = write_study(tmp_path, {"sit": ["objective={name: sit}"]}, seeds=[0], final={"num_samples": 8, "metrics": ["fid"]})
+    path = write_study(
+        tmp_path, {"sit": ["objective={name: sit}"]}, seeds=[0], final={"num_samples": 8, "metrics": ["fid"]}
+    )
     archive = tmp_path / "report" / "sit" / "seed0"
     assert main(["study", "--config", str(path), "--defer-final"]) == 0
     assert (archive / "metrics.jsonl").is_file() and not (archive / "final_eval.json").exists()
@@ -186,8 +226,12 @@ def test_curve_steps_are_evaluated_later_from_kept_checkpoints(tmp_path):
     trained = (archive / "log.jsonl").read_text()
     logged = []
     run_study(load_study(path), log=logged.append)
-    later = {json.loads(line)["step"]: json.loads(line) for line in (archive / "metrics.jsonl").read_text().splitlines()}
-    assert later[2]["fid"] == pytest.approx(measured["fid"], rel=1e-4) and later[4] == next(r for r in records if r["step"] == 4)
+    later = {
+        json.loads(line)["step"]: json.loads(line) for line in (archive / "metrics.jsonl").read_text().splitlines()
+    }
+    assert later[2]["fid"] == pytest.approx(measured["fid"], rel=1e-4) and later[4] == next(
+        r for r in records if r["step"] == 4
+    )
     assert (archive / "log.jsonl").read_text() == trained and any("curve steps [2]" in m for m in logged)
     # the checkpoints are gone (a new machine): the study says so and does not retrain
     for folder in (run, archive):
@@ -213,7 +257,7 @@ def test_ra_retention_needs_an_in_domain_alignment():
 
 def test_training_wall_time_counts_killed_attempts(tmp_path):
     from vrpo.study import training_wall_s
-    from vrpo.runs.logs import read_log
+    from vrpo.utils.jsonl import read_log
 
     def lines(name, records):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -222,4 +266,6 @@ def test_training_wall_time_counts_killed_attempts(tmp_path):
     assert training_wall_s(tmp_path, []) == 70.0  # a run from before attempts were recorded
     lines("attempts.jsonl", [{"start": 100.0}, {"start": 200.0}])
     lines("log.jsonl", [{"step": 10, "time": 120.0}, {"step": 20, "time": 150.0}, {"step": 10, "time": 230.0}])
-    assert training_wall_s(tmp_path, read_log(tmp_path / "log.jsonl")) == 50.0 + 70.0  # killed after its log line at 150, then completed
+    assert (
+        training_wall_s(tmp_path, read_log(tmp_path / "log.jsonl")) == 50.0 + 70.0
+    )  # killed after its log line at 150, then completed

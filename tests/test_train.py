@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vrpo.config import load_config
-from vrpo.train import TrainingDiverged, train
 from vrpo.runs.checkpoint import step_dirs
+from vrpo.train import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/fmnist/sit-t2.yaml")
@@ -46,7 +46,12 @@ def cli(run: Path, tiny, *extra) -> subprocess.Popen:
 
 
 def test_short_run_loss_falls_and_writes_outputs(tmp_path, tiny_overrides):
-    result = train(tiny_cfg(tiny_overrides, "train.max_steps=60", "train.log_every=5", "train.ckpt_every=30", "train.tensorboard=true"), tmp_path)
+    result = train(
+        tiny_cfg(
+            tiny_overrides, "train.max_steps=60", "train.log_every=5", "train.ckpt_every=30", "train.tensorboard=true"
+        ),
+        tmp_path,
+    )
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records][-1] == 60
     first, last = records[0]["loss"], np.mean([r["loss"] for r in records[-3:]])
@@ -108,7 +113,9 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, tiny_override
     for item in [*tiny_overrides, *steps]:
         args += ["--set", item]
     # Each save fsyncs 6 files and the folder; die at the 10th fsync, inside the second save.
-    proc = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, "10", *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_IN_SAVE, "10", *args], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == -signal.SIGKILL
     run = tmp_path / "run"
     assert [p.name for p in step_dirs(run)] == ["step_00000002"]
@@ -162,7 +169,14 @@ LATENT = ["data.name=tensors", "data.resolution=8", "data.limit=0", "model.arch=
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path, tiny_overrides):
     shards = _latent_shards(tmp_path / "shards", slice(0, 2))  # 2 of 64 latents are NaN
-    cfg = tiny_cfg(tiny_overrides, *LATENT, f"data.root={shards}", "train.max_steps=16", "train.log_every=16", "train.max_nonfinite=3")
+    cfg = tiny_cfg(
+        tiny_overrides,
+        *LATENT,
+        f"data.root={shards}",
+        "train.max_steps=16",
+        "train.log_every=16",
+        "train.max_nonfinite=3",
+    )
     result = train(cfg, tmp_path / "run")
     assert 0 < result.skipped_steps < 16
     record = json.loads((tmp_path / "run/log.jsonl").read_text().splitlines()[-1])
@@ -178,7 +192,14 @@ def test_nonfinite_streak_stops_with_the_last_good_checkpoint(tmp_path, tiny_ove
 
 
 def test_dit_ddpm_trains_and_samples(tmp_path, tiny_overrides):
-    cfg = tiny_cfg(tiny_overrides, "model.arch=DiT-T/8", "objective.name=ddpm", "sampler.method=ddpm", "sampler.steps=5", "train.max_steps=3")
+    cfg = tiny_cfg(
+        tiny_overrides,
+        "model.arch=DiT-T/8",
+        "objective.name=ddpm",
+        "sampler.method=ddpm",
+        "sampler.steps=5",
+        "train.max_steps=3",
+    )
     result = train(cfg, tmp_path / "run")
     assert result.samples.is_file() and np.isfinite(result.last_loss)
     from vrpo.sample import sample_run
@@ -208,12 +229,22 @@ def test_sampling_is_reproducible_and_resumable(tmp_path, tiny_overrides):
 def test_evaluation_during_training_and_after_a_stop(tmp_path, tiny_overrides):
     pytest.importorskip("efficientnet_lite_pytorch")
     evals = [
-        "objective.name=repa", "objective.projector_width=64", "objective.encoder_input_size=64",
-        "eval.every=1", "eval.num_samples=8", "eval.ref=digits:test", "eval.ref_num=16", "eval.ra_num=8",
-        "eval.final_num_samples=12", "eval.final_metrics=[fid, fd_encoder]",
-        f"eval.cache_dir={tmp_path / 'refstats'}", "train.max_steps=2",
+        "objective.name=repa",
+        "objective.projector_width=64",
+        "objective.encoder_input_size=64",
+        "eval.every=1",
+        "eval.num_samples=8",
+        "eval.ref=digits:test",
+        "eval.ref_num=16",
+        "eval.ra_num=8",
+        "eval.final_num_samples=12",
+        "eval.final_metrics=[fid, fd_encoder]",
+        f"eval.cache_dir={tmp_path / 'refstats'}",
+        "train.max_steps=2",
     ]
-    cfg = load_config(str(ROOT / "configs/fmnist/repa-t2.yaml"), [*tiny_overrides, "objective.feature_cache=null", *evals])
+    cfg = load_config(
+        str(ROOT / "configs/fmnist/repa-t2.yaml"), [*tiny_overrides, "objective.feature_cache=null", *evals]
+    )
     train(cfg, tmp_path / "run")
     metrics = tmp_path / "run/metrics.jsonl"
     first, record = (json.loads(line) for line in metrics.read_text().splitlines())
@@ -224,7 +255,11 @@ def test_evaluation_during_training_and_after_a_stop(tmp_path, tiny_overrides):
     metrics.write_text(json.dumps(first) + "\n")  # as if killed after the checkpoint, before the evaluation
     train(cfg, tmp_path / "run")
     again = json.loads(metrics.read_text().splitlines()[-1])
-    assert again["step"] == 2 and again["fid"] == pytest.approx(record["fid"]) and again["ra"] == pytest.approx(record["ra"])
+    assert (
+        again["step"] == 2
+        and again["fid"] == pytest.approx(record["fid"])
+        and again["ra"] == pytest.approx(record["ra"])
+    )
 
 
 def test_methods_with_one_seed_are_paired(tmp_path, tiny_overrides):
@@ -233,7 +268,16 @@ def test_methods_with_one_seed_are_paired(tmp_path, tiny_overrides):
     from vrpo.train.loop import Trainer
 
     sit = Trainer(tiny_cfg(tiny_overrides, "train.seed=5"), tmp_path / "sit")
-    repa_cfg = load_config(str(ROOT / "configs/fmnist/repa-t2.yaml"), [*tiny_overrides, "train.seed=5", "objective.feature_cache=null", "objective.projector_width=64", "objective.encoder_input_size=64"])
+    repa_cfg = load_config(
+        str(ROOT / "configs/fmnist/repa-t2.yaml"),
+        [
+            *tiny_overrides,
+            "train.seed=5",
+            "objective.feature_cache=null",
+            "objective.projector_width=64",
+            "objective.encoder_input_size=64",
+        ],
+    )
     repa = Trainer(repa_cfg, tmp_path / "repa")
     for (k, a), (_, b) in zip(sit.model.state_dict().items(), repa.model.state_dict().items()):
         assert torch.equal(a, b), k

@@ -17,8 +17,13 @@ from vrpo.objectives.vrpo import frechet_reward_terms, plot_vrpo, psd_sqrt
 from vrpo.objectives.vrpo.rewards import advantages, clip_fidelity, fidelity_reward, policy_weights
 
 SMALL = [
-    "data.name=digits", "data.limit=40", "model.arch=SiT-T/8", "objective.projector_width=64",
-    "objective.encoder_input_size=64", "train.batch_size=4", "objective.feature_cache=null",
+    "data.name=digits",
+    "data.limit=40",
+    "model.arch=SiT-T/8",
+    "objective.projector_width=64",
+    "objective.encoder_input_size=64",
+    "train.batch_size=4",
+    "objective.feature_cache=null",
 ]
 
 
@@ -45,7 +50,9 @@ def _root(monkeypatch, request):
 
 
 def grads(*modules) -> dict:
-    return {f"{i}.{n}": p.grad.clone() for i, m in enumerate(modules) for n, p in m.named_parameters() if p.grad is not None}
+    return {
+        f"{i}.{n}": p.grad.clone() for i, m in enumerate(modules) for n, p in m.named_parameters() if p.grad is not None
+    }
 
 
 def block_grads(model) -> list[bool]:
@@ -55,8 +62,16 @@ def block_grads(model) -> list[bool]:
 def test_semantic_only_reproduces_repa_loss_and_gradients(base):
     """Prop. 2: one reward, fixed lambda, no normalisation, no policy = REPA, to the gradient."""
     data, model, repa, batch = base
-    vrpo = build(model, data, "objective.rewards=[semantic]", "objective.adaptive_lambda=false", "objective.normalize=false",
-                 "objective.policy=false", "objective.lambda_0=0.5", "objective.warmup_steps=1")
+    vrpo = build(
+        model,
+        data,
+        "objective.rewards=[semantic]",
+        "objective.adaptive_lambda=false",
+        "objective.normalize=false",
+        "objective.policy=false",
+        "objective.lambda_0=0.5",
+        "objective.warmup_steps=1",
+    )
     vrpo.alignment.load_state_dict(repa.alignment.state_dict())
     for s in range(2):  # past warm-up, with statistics: the single weight stays 1
         vrpo.loss(model, batch, step_generator(0, s))
@@ -78,7 +93,11 @@ def test_semantic_only_reproduces_repa_loss_and_gradients(base):
 
 def feed(vrpo, comps, samples):
     """One committed step of synthetic statistics (real features: zeros)."""
-    real = [torch.zeros(samples.shape[1], e.token_dim) for e in vrpo.alignment.encoders] if "fidelity" in vrpo.rewards else []
+    real = (
+        [torch.zeros(samples.shape[1], e.token_dim) for e in vrpo.alignment.encoders]
+        if "fidelity" in vrpo.rewards
+        else []
+    )
     total = vrpo.weights().float() @ samples
     vrpo.record(comps, samples, total, real)
     vrpo.end_of_step(int(vrpo.steps_done), True)
@@ -117,8 +136,12 @@ def test_stability_pass_is_gradient_free_partial_and_uses_the_same_noise(base):
     step = vrpo.denoise(model, batch, step_generator(0, 0))
     calls = []
     with pytest.MonkeyPatch.context() as mp:
+
+        def counted(forward, index):
+            return lambda *a, **k: calls.append(index) or forward(*a, **k)
+
         for i, block in enumerate(model.blocks, start=1):
-            mp.setattr(block, "forward", (lambda f, i: lambda *a, **k: calls.append(i) or f(*a, **k))(block.forward, i))
+            mp.setattr(block, "forward", counted(block.forward, i))
         after = vrpo.stability_targets(model, batch, step)
     assert calls == list(range(1, d + 1))  # blocks 1..d only, once each
     assert list(after) == [d] and not any(z.requires_grad or z.grad_fn is not None for z in after[d])
@@ -145,7 +168,9 @@ def test_policy_weights_and_group_relative_advantages(base):
     grouped = build(model, data, "objective.group_size=2")
     rows, images = grouped.grouped(batch)
     assert rows.index.tolist() == [0, 0, 1, 1] and images.index.tolist() == [0, 1]
-    adv = advantages(torch.randn(12, generator=torch.Generator().manual_seed(1)), None, None, grouped.options).view(-1, 2)
+    adv = advantages(torch.randn(12, generator=torch.Generator().manual_seed(1)), None, None, grouped.options).view(
+        -1, 2
+    )
     torch.testing.assert_close(adv.mean(1), torch.zeros(6), atol=1e-6, rtol=0)
     torch.testing.assert_close(adv.std(1), torch.ones(6), atol=1e-4, rtol=0)
     _, _, logs = grouped.terms(model, batch, step_generator(0, 0))
@@ -179,7 +204,9 @@ def test_fidelity_reward_falls_as_statistics_move_away(base):
     soft = build(model, data, "objective.fidelity_floor=-1", "objective.fidelity_clip=soft")
     x = torch.tensor(-50.0, requires_grad=True)
     clip_fidelity(x, -1.0, soft.options.fidelity_clip).backward()
-    assert float(clip_fidelity(x.detach(), -1.0, soft.options.fidelity_clip)) == pytest.approx(-1.0) and x.grad is not None
+    assert (
+        float(clip_fidelity(x.detach(), -1.0, soft.options.fidelity_clip)) == pytest.approx(-1.0) and x.grad is not None
+    )
 
 
 def test_statistics_are_committed_per_step_and_round_trip_through_state_dict(base):
@@ -189,7 +216,7 @@ def test_statistics_are_committed_per_step_and_round_trip_through_state_dict(bas
     logs = [vrpo.terms(model, batch, step_generator(0, 0, m))[2] for m in range(2)]
     assert len(vrpo._pending) == 2
     vrpo.end_of_step(0, True)
-    comps = torch.tensor([[float(l[f"r_{k}"]) for k in vrpo.rewards] for l in logs]).double().mean(0)
+    comps = torch.tensor([[float(log[f"r_{k}"]) for k in vrpo.rewards] for log in logs]).double().mean(0)
     torch.testing.assert_close(vrpo.reward_moments[0], 0.01 * comps, rtol=1e-5, atol=0)
     before = {k: v.clone() for k, v in vrpo.state_dict().items()}
     vrpo.loss(model, batch, step_generator(0, 1))
@@ -201,7 +228,17 @@ def test_statistics_are_committed_per_step_and_round_trip_through_state_dict(bas
         vrpo.loss(model, batch, step_generator(0, s))
         vrpo.end_of_step(s, True)
     state = vrpo.state_dict()
-    for key in ("updates", "reward_moments", "sample_first", "sample_second", "total_moments", "v_R_ref", "real_first_0", "real_second_0", "grad_share"):
+    for key in (
+        "updates",
+        "reward_moments",
+        "sample_first",
+        "sample_second",
+        "total_moments",
+        "v_R_ref",
+        "real_first_0",
+        "real_second_0",
+        "grad_share",
+    ):
         assert key in state
     assert float(state["v_R_ref"]) > 0
     fresh = build(model, data, "objective.warmup_steps=2")
@@ -217,8 +254,24 @@ def test_logs_and_gradient_shares(base):
     data, model, _, batch = base
     vrpo = build(model, data)
     out = vrpo.loss(model, batch, step_generator(0, 0))
-    for key in ("loss_denoise", "loss_align", "lambda_s", "adv_mean", "adv_std", "adv_min", "adv_max", "pw_min", "pw_max",
-                "r_semantic", "r_semantic_var", "w_semantic", "w_stability", "w_fidelity", "gshare_denoise", "gshare_semantic"):
+    for key in (
+        "loss_denoise",
+        "loss_align",
+        "lambda_s",
+        "adv_mean",
+        "adv_std",
+        "adv_min",
+        "adv_max",
+        "pw_min",
+        "pw_max",
+        "r_semantic",
+        "r_semantic_var",
+        "w_semantic",
+        "w_stability",
+        "w_fidelity",
+        "gshare_denoise",
+        "gshare_semantic",
+    ):
         assert key in out.logs, key
     share = {k[7:]: float(v) for k, v in out.logs.items() if k.startswith("gshare_")}
     assert share["denoise"] + share["align"] == pytest.approx(1.0)
@@ -226,12 +279,15 @@ def test_logs_and_gradient_shares(base):
     assert model.blocks[0].attn.qkv.weight.grad is None  # measuring did not touch .grad
 
 
-@pytest.mark.parametrize("layers, reached", [
-    ("block", [1, 1, 0, 0, 0, 0]),
-    ("early", [1, 1, 0, 0, 0, 0]),  # round(3 * 6 / 8) = 2
-    ("mid", [0, 1, 1, 0, 0, 0]),  # aligned at 3, cut below 6 // 4 = 1
-    ("all", [1, 1, 1, 1, 1, 1]),
-])
+@pytest.mark.parametrize(
+    "layers, reached",
+    [
+        ("block", [1, 1, 0, 0, 0, 0]),
+        ("early", [1, 1, 0, 0, 0, 0]),  # round(3 * 6 / 8) = 2
+        ("mid", [0, 1, 1, 0, 0, 0]),  # aligned at 3, cut below 6 // 4 = 1
+        ("all", [1, 1, 1, 1, 1, 1]),
+    ],
+)
 def test_reward_gradients_reach_only_the_selected_blocks(base, layers, reached):
     data, model, _, batch = base
     extra = ["objective.layer_projectors=per_block"] if layers == "all" else []
@@ -299,30 +355,33 @@ def test_perceptual_reward_with_an_lpips_module(base, monkeypatch):
     assert float(b) < float(a)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["objective.rewards=[semantic, beauty]"], "objective.rewards must list"),
-    (["objective.rewards=[]"], "objective.rewards must list"),
-    (["objective.semantic=cls"], "objective.semantic must be one of"),
-    (["objective.fidelity=exact"], "objective.fidelity must be one of"),
-    (["objective.perceptual=clip"], "objective.perceptual must be one of"),
-    (["objective.layers=late"], "objective.layers must be one of"),
-    (["objective.delta=0"], "objective.delta"),
-    (["objective.stability_fraction=0"], "objective.stability_fraction"),
-    (["objective.stats_decay=1.0"], "objective.stats_decay"),
-    (["objective.fidelity_floor=1"], "objective.fidelity_floor"),
-    (["objective.lambda_min=0"], "lambda_min"),
-    (["objective.weighting=fixed", "objective.weight_semantic=-1"], "objective.weight_"),
-    (["objective.adv_temperature=0"], "adv_temperature"),
-    (["objective.pathwise=false", "objective.policy=false"], "both off"),
-    (["objective.group_size=3"], "does not divide"),
-    (["objective.group_size=2", "objective.policy=false"], "policy"),
-    (["objective.layers=early", "objective.encoder_depth=2"], "set by objective.layers"),
-    (["objective.layer_projectors=per_block"], "needs objective.layers=all"),
-    (["objective.perceptual=lpips", "objective.rewards=[semantic]"], "part of the fidelity reward"),
-    (["objective.perceptual=lpips", "data.name=tensors", "objective.feature_cache=cache"], "latent data"),
-    (["objective.perceptual=lpips", "transport.prediction=noise", "sampler.t_start=0.99"], "x0_hat"),
-    (["objective.grad_share_every=-1"], "grad_share_every"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["objective.rewards=[semantic, beauty]"], "objective.rewards must list"),
+        (["objective.rewards=[]"], "objective.rewards must list"),
+        (["objective.semantic=cls"], "objective.semantic must be one of"),
+        (["objective.fidelity=exact"], "objective.fidelity must be one of"),
+        (["objective.perceptual=clip"], "objective.perceptual must be one of"),
+        (["objective.layers=late"], "objective.layers must be one of"),
+        (["objective.delta=0"], "objective.delta"),
+        (["objective.stability_fraction=0"], "objective.stability_fraction"),
+        (["objective.stats_decay=1.0"], "objective.stats_decay"),
+        (["objective.fidelity_floor=1"], "objective.fidelity_floor"),
+        (["objective.lambda_min=0"], "lambda_min"),
+        (["objective.weighting=fixed", "objective.weight_semantic=-1"], "objective.weight_"),
+        (["objective.adv_temperature=0"], "adv_temperature"),
+        (["objective.pathwise=false", "objective.policy=false"], "both off"),
+        (["objective.group_size=3"], "does not divide"),
+        (["objective.group_size=2", "objective.policy=false"], "policy"),
+        (["objective.layers=early", "objective.encoder_depth=2"], "set by objective.layers"),
+        (["objective.layer_projectors=per_block"], "needs objective.layers=all"),
+        (["objective.perceptual=lpips", "objective.rewards=[semantic]"], "part of the fidelity reward"),
+        (["objective.perceptual=lpips", "data.name=tensors", "objective.feature_cache=cache"], "latent data"),
+        (["objective.perceptual=lpips", "transport.prediction=noise", "sampler.t_start=0.99"], "x0_hat"),
+        (["objective.grad_share_every=-1"], "grad_share_every"),
+    ],
+)
 def test_config_errors_are_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:
         vrpo_config(*overrides)
@@ -341,7 +400,10 @@ def test_build_errors_are_one_line(base, monkeypatch):
 
 
 def test_plot_vrpo(tmp_path):
-    records = [{"step": s, "lambda_s": 0.5 + 0.01 * s, "w_semantic": 0.5, "w_stability": 0.2, "w_fidelity": 0.3} for s in range(0, 50, 10)]
+    records = [
+        {"step": s, "lambda_s": 0.5 + 0.01 * s, "w_semantic": 0.5, "w_stability": 0.2, "w_fidelity": 0.3}
+        for s in range(0, 50, 10)
+    ]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     out = plot_vrpo(tmp_path)
     assert out == tmp_path / "vrpo_weights.png" and out.stat().st_size > 0
@@ -353,16 +415,31 @@ def test_resumed_vrpo_run_is_bit_identical(tmp_path):
     from safetensors.torch import load_file
 
     from vrpo.config import load_config
-    from vrpo.train import train
     from vrpo.runs.checkpoint import step_dirs
+    from vrpo.train import train
 
     base = [
-        "data.name=digits", "data.limit=40", "model.arch=SiT-T/8", "train.batch_size=8", "train.threads=1",
-        "train.progress=false", "train.tensorboard=false", "sampler.steps=2", "train.sample_grid=4",
-        "objective.projector_width=64", "objective.encoder_input_size=64", "objective.feature_cache=null",
-        "objective.warmup_steps=2", "objective.grad_share_every=2", "train.ckpt_every=3", "train.log_every=1",
+        "data.name=digits",
+        "data.limit=40",
+        "model.arch=SiT-T/8",
+        "train.batch_size=8",
+        "train.threads=1",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "sampler.steps=2",
+        "train.sample_grid=4",
+        "objective.projector_width=64",
+        "objective.encoder_input_size=64",
+        "objective.feature_cache=null",
+        "objective.warmup_steps=2",
+        "objective.grad_share_every=2",
+        "train.ckpt_every=3",
+        "train.log_every=1",
     ]
-    cfg = lambda steps: load_config("configs/fmnist/vrpo-t2.yaml", [*base, f"train.max_steps={steps}"])
+
+    def cfg(steps):
+        return load_config("configs/fmnist/vrpo-t2.yaml", [*base, f"train.max_steps={steps}"])
+
     train(cfg(6), tmp_path / "straight")
     train(cfg(3), tmp_path / "resumed")
     train(cfg(6), tmp_path / "resumed")
@@ -376,13 +453,21 @@ def test_resumed_vrpo_run_is_bit_identical(tmp_path):
     # after the 2-step warm-up the near-constant stability reward takes the weight: warned once per run
     for run in ("straight", "resumed"):
         warned = [json.loads(line) for line in (tmp_path / run / "warnings.jsonl").read_text().splitlines()]
-        assert [w["key"] for w in warned] == ["dominant_weight"] and warned[0]["step"] >= 2  # not again after the resume
+        assert [w["key"] for w in warned] == ["dominant_weight"] and warned[0][
+            "step"
+        ] >= 2  # not again after the resume
 
 
 def test_a_dominant_inverse_variance_weight_is_warned(base):
     data, model, _, _ = base
-    record = {"w_semantic": 0.0001, "w_stability": 0.998, "w_fidelity": 0.0019,
-              "r_semantic_var": 1e-3, "r_stability_var": 2e-7, "r_fidelity_var": 1e-4}
+    record = {
+        "w_semantic": 0.0001,
+        "w_stability": 0.998,
+        "w_fidelity": 0.0019,
+        "r_semantic_var": 1e-3,
+        "r_stability_var": 2e-7,
+        "r_fidelity_var": 1e-4,
+    }
     found = build(model, data).warnings(record)
     assert list(found) == ["dominant_weight"] and "stability reward 99.8%" in found["dominant_weight"]
     assert "\n" not in found["dominant_weight"] and "stability 2.0e-07" in found["dominant_weight"]

@@ -38,8 +38,15 @@ def _train(args) -> int:
 
 def _sample(args) -> int:
     out = sample_run(
-        args.run, args.num, args.out, batch_size=args.batch_size, seed=args.seed, device=args.device,
-        method=args.sampler, steps=args.steps, cfg_scale=args.cfg,
+        args.run,
+        args.num,
+        args.out,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        method=args.sampler,
+        steps=args.steps,
+        cfg_scale=args.cfg,
     )
     print(f"wrote {args.num} samples to {out} (grid: {out.with_suffix('.png')})")
     return 0
@@ -50,11 +57,22 @@ def _cache_features(args) -> int:
     options = cfg.objective
     encoders = options.build_encoders(cfg.data.resolution)
     if not encoders:
-        raise ConfigError(f"objective '{options.name}' uses no encoder: cache-features needs an alignment method (repa, vrpo)")
+        raise ConfigError(
+            f"objective '{options.name}' uses no encoder: cache-features needs an alignment method (repa, vrpo)"
+        )
     if not options.cache_root():
-        raise ConfigError("objective.feature_cache is not set: name the folder for the cache (--set objective.feature_cache=DIR)")
-    build_feature_caches(encoders, options.cache_root(), lambda: load_dataset(cfg.data), log=print, dtype=args.dtype,
-                         shard_size=args.shard_size, batch_size=args.batch_size)
+        raise ConfigError(
+            "objective.feature_cache is not set: name the folder for the cache (--set objective.feature_cache=DIR)"
+        )
+    build_feature_caches(
+        encoders,
+        options.cache_root(),
+        lambda: load_dataset(cfg.data),
+        log=print,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+    )
     return 0
 
 
@@ -64,10 +82,20 @@ def _eval(args) -> int:
         if args.ref is not None:
             raise EvalError("--ref goes with --samples; --run evaluates on the run's own dataset (--split)")
         result = evaluate_representations(
-            args.run, args.metrics or RUN_METRICS, split=args.split, dataset=args.dataset, timesteps=args.timesteps,
-            num=args.num or 1000, probe_train=args.probe_train, which=args.weights,
-            encoder_weights=args.encoder_weights, encoder_name=args.encoder, encoder_input_size=args.encoder_input_size,
-            seed=args.seed, batch_size=args.batch_size, device=device,
+            args.run,
+            args.metrics or RUN_METRICS,
+            split=args.split,
+            dataset=args.dataset,
+            timesteps=args.timesteps,
+            num=args.num or 1000,
+            probe_train=args.probe_train,
+            which=args.weights,
+            encoder_weights=args.encoder_weights,
+            encoder_name=args.encoder,
+            encoder_input_size=args.encoder_input_size,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=device,
         )
         step = result["step"]
     else:
@@ -79,9 +107,18 @@ def _eval(args) -> int:
             if step is None:
                 raise EvalError(f"--append needs --step: {args.append.parent} has no checkpoint to take it from")
         result = evaluate_samples(
-            args.samples, args.ref, args.metrics or tuple(SAMPLE_METRICS), num=args.num, ref_num=args.ref_num,
-            cache_dir=args.cache_dir, data_root=args.data_root, encoder_weights=args.encoder_weights,
-            encoder_name=args.encoder, device=device, batch_size=args.batch_size, progress=True,
+            args.samples,
+            args.ref,
+            args.metrics or tuple(SAMPLE_METRICS),
+            num=args.num,
+            ref_num=args.ref_num,
+            cache_dir=args.cache_dir,
+            data_root=args.data_root,
+            encoder_weights=args.encoder_weights,
+            encoder_name=args.encoder,
+            device=device,
+            batch_size=args.batch_size,
+            progress=True,
         )
     if args.append:
         append_record(args.append, metrics_record(step, result))
@@ -106,7 +143,9 @@ def _study(args) -> int:
     spec = load_study(args.config, args.set)
     if args.defer_final:
         spec.final = {}  # a later call without the flag adds the final evaluations to the finished runs
-    report = write_report(spec) if args.report_only else run_study(spec, only_seeds=args.seeds, only_methods=args.methods)
+    report = (
+        write_report(spec) if args.report_only else run_study(spec, only_seeds=args.seeds, only_methods=args.methods)
+    )
     print(f"report: {report} (plot: {report.with_suffix('.png')})")
     return 0
 
@@ -144,33 +183,81 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="study YAML, e.g. configs/study/fmnist.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from finished evaluations")
-    p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
-                   help="run only these of the study's seeds now (e.g. 0,1); the report covers all")
-    p.add_argument("--methods", type=lambda v: [m for m in v.split(",") if m], default=None,
-                   help="run only these of the study's methods now (e.g. sit,repa); the report covers all")
-    p.add_argument("--defer-final", action="store_true",
-                   help="train and evaluate every run (curve_steps included) first, leaving the study's final evaluation (FID-5k) for a later call")
+    p.add_argument(
+        "--seeds",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=None,
+        help="run only these of the study's seeds now (e.g. 0,1); the report covers all",
+    )
+    p.add_argument(
+        "--methods",
+        type=lambda v: [m for m in v.split(",") if m],
+        default=None,
+        help="run only these of the study's methods now (e.g. sit,repa); the report covers all",
+    )
+    p.add_argument(
+        "--defer-final",
+        action="store_true",
+        help="train and evaluate every run (curve_steps included) first, leaving the study's final evaluation "
+        "(FID-5k) for a later call",
+    )
     p.set_defaults(func=_study)
 
-    p = sub.add_parser("eval", help="sample metrics (FID, sFID, precision/recall, FD-encoder) or a run's representation metrics; prints one JSON object")
+    p = sub.add_parser(
+        "eval",
+        help="sample metrics (FID, sFID, precision/recall, FD-encoder) or a run's representation metrics; prints "
+        "one JSON object",
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--samples", type=Path, help="ADM npz (arr_0: uint8 N x H x W x C) or a folder of images")
     source.add_argument("--run", type=Path, help="run folder: RA, CKNNA and linear probe on held-out images")
-    p.add_argument("--ref", help="NAME:SPLIT (fashion-mnist:test, mnist:test, digits:test), an npz, an image folder, or a statistics file")
-    p.add_argument("--metrics", default=None, help="comma-separated; samples: fid,sfid,pr,fd_encoder (default all); run: ra,cknna,probe (default all)")
-    p.add_argument("--num", type=int, default=None, help="samples: use the first N (error if fewer); run: held-out images (default 1000)")
-    p.add_argument("--ref-num", type=int, default=10_000, help="reference images, a class-balanced subset (default 10000)")
-    p.add_argument("--append", type=Path, default=None, metavar="RUN/metrics.jsonl", help="append the metrics with their step")
-    p.add_argument("--step", type=int, default=None, help="step recorded with --append (default: the run's newest checkpoint)")
+    p.add_argument(
+        "--ref",
+        help="NAME:SPLIT (fashion-mnist:test, mnist:test, digits:test), an npz, an image folder, or a statistics file",
+    )
+    p.add_argument(
+        "--metrics",
+        default=None,
+        help="comma-separated; samples: fid,sfid,pr,fd_encoder (default all); run: ra,cknna,probe (default all)",
+    )
+    p.add_argument(
+        "--num",
+        type=int,
+        default=None,
+        help="samples: use the first N (error if fewer); run: held-out images (default 1000)",
+    )
+    p.add_argument(
+        "--ref-num", type=int, default=10_000, help="reference images, a class-balanced subset (default 10000)"
+    )
+    p.add_argument(
+        "--append", type=Path, default=None, metavar="RUN/metrics.jsonl", help="append the metrics with their step"
+    )
+    p.add_argument(
+        "--step", type=int, default=None, help="step recorded with --append (default: the run's newest checkpoint)"
+    )
     p.add_argument("--cache-dir", default="~/.cache/vrpo/refstats", help="reference statistics cache")
-    p.add_argument("--data-root", default=None, help="folder of the NAME:SPLIT reference's files (default: the usual places)")
-    p.add_argument("--encoder-weights", default=None, help="DINOv2 weights: FD-DINOv2 instead of FD-EfficientNet (and the CKNNA encoder)")
+    p.add_argument(
+        "--data-root", default=None, help="folder of the NAME:SPLIT reference's files (default: the usual places)"
+    )
+    p.add_argument(
+        "--encoder-weights",
+        default=None,
+        help="DINOv2 weights: FD-DINOv2 instead of FD-EfficientNet (and the CKNNA encoder)",
+    )
     p.add_argument("--encoder", default="dinov2-vitb14", help="DINOv2 model the weights belong to")
     p.add_argument("--encoder-input-size", type=int, default=224, help="run: CKNNA encoder input size")
     p.add_argument("--split", default="test", help="run: held-out split")
-    p.add_argument("--dataset", default=None, help="run: measure on another dataset (NAME or NAME:SPLIT), e.g. digits:all for transfer")
-    p.add_argument("--timesteps", type=_timesteps, default=[0.25, 0.5, 0.75], help="run: noise levels t (0 data, 1 noise)")
-    p.add_argument("--probe-train", type=int, default=None, help="run: train images for the linear probe (default --num)")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="run: measure on another dataset (NAME or NAME:SPLIT), e.g. digits:all for transfer",
+    )
+    p.add_argument(
+        "--timesteps", type=_timesteps, default=[0.25, 0.5, 0.75], help="run: noise levels t (0 data, 1 noise)"
+    )
+    p.add_argument(
+        "--probe-train", type=int, default=None, help="run: train images for the linear probe (default --num)"
+    )
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="run: which weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
@@ -189,7 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, CacheMismatch, TrainingDiverged, FileNotFoundError, EvalError) as err:
+    except (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        CacheMismatch,
+        TrainingDiverged,
+        FileNotFoundError,
+        EvalError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -154,6 +154,7 @@ class Config:
 
 # ---------------------------------------------------------------- validation
 
+
 def _closest(key: str, options, prefix: str = "") -> str:
     match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
     return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
@@ -248,7 +249,9 @@ def deep_merge(base: dict, update: dict) -> dict:
     """``update`` over ``base``: mappings merge key by key, every other value is replaced."""
     merged = dict(base)
     for key, value in update.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 
@@ -287,6 +290,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks: combinations that cannot work are refused before any compute."""
+
     def need(condition: bool, message: str):
         if not condition:
             raise ConfigError(message)
@@ -295,11 +299,17 @@ def validate(cfg: Config) -> None:
         _, _, patch = parse_arch(cfg.model.arch)
     except ValueError as err:
         raise ConfigError(f"config key 'model.arch': {err}") from None
-    need(cfg.data.resolution % patch == 0, f"data.resolution {cfg.data.resolution} is not divisible by the patch size {patch} of {cfg.model.arch}")
+    need(
+        cfg.data.resolution % patch == 0,
+        f"data.resolution {cfg.data.resolution} is not divisible by the patch size {patch} of {cfg.model.arch}",
+    )
     t = cfg.train
     need(t.max_steps >= 1, "train.max_steps must be >= 1")
     need(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
-    need(t.batch_size % t.grad_accum == 0, f"train.batch_size {t.batch_size} is not divisible by train.grad_accum {t.grad_accum}")
+    need(
+        t.batch_size % t.grad_accum == 0,
+        f"train.batch_size {t.batch_size} is not divisible by train.grad_accum {t.grad_accum}",
+    )
     need(t.ckpt_every >= 1, "train.ckpt_every must be >= 1")
     need(t.keep_last >= 1, "train.keep_last must be >= 1")
     need(0.0 <= t.label_dropout < 1.0, "train.label_dropout must be in [0, 1)")
@@ -307,28 +317,67 @@ def validate(cfg: Config) -> None:
     need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
     need(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
     e = cfg.eval
-    need(e.every >= 0 and e.num_samples >= 2 and e.ra_num >= 0, "eval.every, eval.num_samples (>= 2) and eval.ra_num must be non-negative")
-    need(e.final_num_samples == 0 or e.final_num_samples >= 2, "eval.final_num_samples must be 0 (= eval.num_samples) or >= 2")
-    need(not (e.every and cfg.data.name == "tensors"), "eval.every needs pixel data: latent runs (data.name=tensors) have no decoder here")
+    need(
+        e.every >= 0 and e.num_samples >= 2 and e.ra_num >= 0,
+        "eval.every, eval.num_samples (>= 2) and eval.ra_num must be non-negative",
+    )
+    need(
+        e.final_num_samples == 0 or e.final_num_samples >= 2,
+        "eval.final_num_samples must be 0 (= eval.num_samples) or >= 2",
+    )
+    need(
+        not (e.every and cfg.data.name == "tensors"),
+        "eval.every needs pixel data: latent runs (data.name=tensors) have no decoder here",
+    )
     o = cfg.optim
     need(len(o.betas) == 2, "optim.betas needs two values")
-    need(o.schedule in ("constant", "cosine", "linear"), f"optim.schedule must be constant, cosine or linear, got {o.schedule!r}")
+    need(
+        o.schedule in ("constant", "cosine", "linear"),
+        f"optim.schedule must be constant, cosine or linear, got {o.schedule!r}",
+    )
     tr = cfg.transport
-    need(tr.interpolant in ("linear", "cosine"), f"transport.interpolant must be linear or cosine, got {tr.interpolant!r}")
-    need(tr.prediction in ("velocity", "noise", "score"), f"transport.prediction must be velocity, noise or score, got {tr.prediction!r}")
-    need(tr.timesteps in ("uniform", "logit_normal"), f"transport.timesteps must be uniform or logit_normal, got {tr.timesteps!r}")
+    need(
+        tr.interpolant in ("linear", "cosine"),
+        f"transport.interpolant must be linear or cosine, got {tr.interpolant!r}",
+    )
+    need(
+        tr.prediction in ("velocity", "noise", "score"),
+        f"transport.prediction must be velocity, noise or score, got {tr.prediction!r}",
+    )
+    need(
+        tr.timesteps in ("uniform", "logit_normal"),
+        f"transport.timesteps must be uniform or logit_normal, got {tr.timesteps!r}",
+    )
     need(0.0 <= tr.t_min < tr.t_max <= 1.0, "transport.t_min < transport.t_max must lie in [0, 1]")
     s = cfg.sampler
-    need(s.method in ("euler", "heun", "sde", "ddpm"), f"sampler.method must be euler, heun, sde or ddpm, got {s.method!r}")
-    need(len(s.cfg_interval) == 2 and s.cfg_interval[0] <= s.cfg_interval[1], "sampler.cfg_interval must be [t_low, t_high] with t_low <= t_high")
-    need(not (cfg.data.unconditional and s.cfg_scale != 1.0), "sampler.cfg_scale != 1 needs labels, but data.unconditional is true")
+    need(
+        s.method in ("euler", "heun", "sde", "ddpm"),
+        f"sampler.method must be euler, heun, sde or ddpm, got {s.method!r}",
+    )
+    need(
+        len(s.cfg_interval) == 2 and s.cfg_interval[0] <= s.cfg_interval[1],
+        "sampler.cfg_interval must be [t_low, t_high] with t_low <= t_high",
+    )
+    need(
+        not (cfg.data.unconditional and s.cfg_scale != 1.0),
+        "sampler.cfg_scale != 1 needs labels, but data.unconditional is true",
+    )
     if tr.prediction != "velocity":
-        need(s.t_start < 1.0, f"transport.prediction={tr.prediction} is undefined at t=1: set sampler.t_start below 1 (e.g. 0.999)")
+        need(
+            s.t_start < 1.0,
+            f"transport.prediction={tr.prediction} is undefined at t=1: set sampler.t_start below 1 (e.g. 0.999)",
+        )
     need(cfg.diffusion.schedule == "linear", f"diffusion.schedule {cfg.diffusion.schedule!r} is not available (linear)")
     family, options = family_of(cfg.model.arch), cfg.objective
-    need(family in options.families, f"objective '{options.name}' does not train the {family} family of model.arch "
-         f"{cfg.model.arch}: it trains {' and '.join(options.families)} (SiT-* models are flow, DiT-* models ddpm)")
+    need(
+        family in options.families,
+        f"objective '{options.name}' does not train the {family} family of model.arch "
+        f"{cfg.model.arch}: it trains {' and '.join(options.families)} (SiT-* models are flow, DiT-* models ddpm)",
+    )
     samplers = FAMILY_SAMPLERS[family]
-    need(s.method in samplers, f"sampler.method={s.method} does not fit the {family} family of model.arch {cfg.model.arch}: "
-         f"use {' or '.join(samplers)}")
+    need(
+        s.method in samplers,
+        f"sampler.method={s.method} does not fit the {family} family of model.arch {cfg.model.arch}: "
+        f"use {' or '.join(samplers)}",
+    )
     cfg.objective.validate(cfg)

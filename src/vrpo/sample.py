@@ -23,7 +23,9 @@ from vrpo.utils.images import save_grid, to_uint8
 
 
 @torch.no_grad()
-def sample_batch(model, cfg, start: int, n: int, seed: int = 0, **sampler_overrides) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(
+    model, cfg, start: int, n: int, seed: int = 0, **sampler_overrides
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples start..start+n-1 as uint8 [n, C, H, W] on the CPU, with their labels (zeros when unconditional)."""
     device = next(model.parameters()).device
     generator = keyed_generator(seed, start)
@@ -41,8 +43,10 @@ def generate_images(model, cfg, num: int, seed: int = 0, batch_size: int = 64, *
     """``num`` class-balanced uint8 samples [N, C, H, W], the same as ``vrpo sample`` writes for this seed."""
     was_training = model.training
     model.eval()
-    batches = [sample_batch(model, cfg, start, min(batch_size, num - start), seed, **sampler_overrides)[0]
-               for start in range(0, num, batch_size)]
+    batches = [
+        sample_batch(model, cfg, start, min(batch_size, num - start), seed, **sampler_overrides)[0]
+        for start in range(0, num, batch_size)
+    ]
     model.train(was_training)
     return torch.cat(batches)
 

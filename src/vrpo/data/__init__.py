@@ -4,6 +4,15 @@ from vrpo.data.datasets import DATASETS, DataError, ImageSet, balanced_subset, l
 from vrpo.data.order import batch_indices, data_position, keyed_generator, step_generator
 
 __all__ = [
-    "DATASETS", "DataError", "ImageSet", "balanced_subset", "batch_indices", "data_position",
-    "keyed_generator", "load_dataset", "load_split", "read_idx", "step_generator",
+    "DATASETS",
+    "DataError",
+    "ImageSet",
+    "balanced_subset",
+    "batch_indices",
+    "data_position",
+    "keyed_generator",
+    "load_dataset",
+    "load_split",
+    "read_idx",
+    "step_generator",
 ]

@@ -67,8 +67,10 @@ SEARCH_DIRS = {
     "mnist": ["/usr/share/datasets/mnist", "~/.cache/vrpo/mnist", "data/mnist"],
 }
 HOW_TO_GET = {
-    "fashion-mnist": "install it with `apt-get install dataset-fashion-mnist` (Debian) or put the four idx .gz files from github.com/zalandoresearch/fashion-mnist in a folder and set data.root",
-    "mnist": "put the four idx files (train-images-idx3-ubyte.gz, ...) from the MNIST site in a folder and set data.root",
+    "fashion-mnist": "install it with `apt-get install dataset-fashion-mnist` (Debian) or put the four idx .gz files "
+    "from github.com/zalandoresearch/fashion-mnist in a folder and set data.root",
+    "mnist": "put the four idx files (train-images-idx3-ubyte.gz, ...) from the MNIST site in a folder "
+    "and set data.root",
 }
 
 
@@ -114,7 +116,9 @@ def load_idx_dataset(name: str, split: str, root: str | None = None) -> ImageSet
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"{name} {split}: images {images.shape} and labels {labels.shape} do not match")
     padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))  # 28 -> 32, black border as in REPA-style MNIST setups
-    return ImageSet(torch.from_numpy(padded.copy())[:, None], torch.from_numpy(labels.astype(np.int64)), 10, f"{name}:{split}")
+    return ImageSet(
+        torch.from_numpy(padded.copy())[:, None], torch.from_numpy(labels.astype(np.int64)), 10, f"{name}:{split}"
+    )
 
 
 def load_digits_dataset(split: str) -> ImageSet:
@@ -184,6 +188,7 @@ def load_image_folder(root: str | None, resolution: int) -> ImageSet:
 
 # ---------------------------------------------------------------- pre-encoded tensors
 
+
 def load_tensor_shards(root: str | None) -> ImageSet:
     """Shards ``*.safetensors`` holding ``images`` ([n, C, H, W], uint8 or float latents) and ``labels``."""
     from safetensors import SafetensorError
@@ -224,7 +229,9 @@ def load_split(name: str, split: str = "train", root: str | None = None, resolut
     else:
         raise DataError(f"unknown dataset {name!r} (one of {', '.join(DATASETS)})")
     if resolution and resolution != data.resolution:
-        resized = F.interpolate(data.images.float(), size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+        resized = F.interpolate(
+            data.images.float(), size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False
+        )
         data = ImageSet(resized.round().clamp(0, 255).to(torch.uint8), data.labels, data.num_classes, data.name)
     return data
 

@@ -8,7 +8,8 @@ See docs/encoders.md for preprocessing, grids and weights.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .base import EncoderOutput, FrozenEncoder, MultiEncoder, state_dict_sha256
 from .dinov2 import DINOV2_PRESETS, DINOv2Config, DINOv2Encoder, DinoVisionTransformer, load_dinov2_weights

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import abc
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ class FrozenEncoder(nn.Module, abc.ABC):
         self.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "FrozenEncoder":
+    def train(self, mode: bool = True) -> FrozenEncoder:
         # Callers toggle train()/eval() on the whole model; the encoder must
         # stay in eval (BatchNorm statistics, dropout) regardless.
         return super().train(False)
@@ -182,7 +183,7 @@ class MultiEncoder(nn.Module):
         self.encoders = nn.ModuleList(encoders)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "MultiEncoder":
+    def train(self, mode: bool = True) -> MultiEncoder:
         return super().train(False)
 
     def __len__(self) -> int:

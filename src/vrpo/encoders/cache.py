@@ -60,7 +60,15 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def build_cache(folder: Path, encoder, data, dtype: str = "float16", shard_size: int = 1000, batch_size: int = 64, progress: bool = True) -> Path:
+def build_cache(
+    folder: Path,
+    encoder,
+    data,
+    dtype: str = "float16",
+    shard_size: int = 1000,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Path:
     """Encode every image of ``data`` into ``folder`` (resuming a partial build)."""
     if data.is_latent:
         raise CacheMismatch(f"{data.name} holds latents, not pixels: encoder features need the images")
@@ -72,7 +80,9 @@ def build_cache(folder: Path, encoder, data, dtype: str = "float16", shard_size:
         old = json.loads(path.read_text())
         diff = _differences(_identity(old), _identity(manifest)) + (["dtype"] if old["dtype"] != dtype else [])
         if diff or old["shard_size"] != shard_size:
-            raise CacheMismatch(f"{folder} holds another cache (differs in {', '.join(diff) or 'shard_size'}): choose another folder")
+            raise CacheMismatch(
+                f"{folder} holds another cache (differs in {', '.join(diff) or 'shard_size'}): choose another folder"
+            )
     path.write_text(json.dumps({**manifest, "complete": False}, indent=1))
     torch_dtype = getattr(torch, dtype)
     starts = range(0, len(data), shard_size)
@@ -96,25 +106,30 @@ def is_complete(folder: Path) -> bool:
     return manifest.exists() and bool(json.loads(manifest.read_text()).get("complete"))
 
 
-def build_feature_caches(encoders, root: str | Path, load_data, *, skip_complete: bool = False, log=None,
-                         **build_options) -> list[Path]:
-    """The cache of every encoder under ``root`` (the one builder of ``vrpo cache-features`` and the
-    study). ``load_data()`` gives the images, loaded only when a cache has to be built; a complete
-    cache is verified again unless ``skip_complete``; ``log`` gets one line per encoder."""
-    data, folders = None, []
+def build_feature_caches(
+    encoders, root: str | Path, load_data, *, skip_complete: bool = False, log=None, **build_options
+) -> list[dict]:
+    """The cache of every encoder under ``root`` (the one builder of ``vrpo cache-features``, the study
+    and the benchmarks). ``load_data()`` gives the images, loaded only when a cache has to be built; a
+    complete cache is verified again unless ``skip_complete``. Returns per encoder its folder, images,
+    size and build seconds (this call); ``log`` gets the same as one line."""
+    data, built = None, []
     for encoder in encoders:
         folder = Path(root) / cache_slug(encoder)
-        folders.append(folder)
         if skip_complete and is_complete(folder):
             continue
         data = data if data is not None else load_data()
         start = time.perf_counter()
         build_cache(folder, encoder, data, **build_options)
+        info = {"encoder": encoder.name, "folder": str(folder), "images": len(data),
+                "grid": list(encoder.grid_for(tuple(data.images.shape[-2:]))),
+                "mib": sum(p.stat().st_size for p in folder.iterdir()) / 2**20,
+                "build_s": time.perf_counter() - start}  # fmt: skip
+        built.append(info)
         if log is not None:
-            size = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
-            log(f"{encoder.name}: {len(data)} images, grid {encoder.grid_for(tuple(data.images.shape[-2:]))}, "
-                f"{size:.1f} MiB in {folder} ({time.perf_counter() - start:.0f} s this call)")
-    return folders
+            log(f"{info['encoder']}: {info['images']} images, grid {tuple(info['grid'])}, {info['mib']:.1f} MiB "
+                f"in {folder} ({info['build_s']:.0f} s this call)")  # fmt: skip
+    return built
 
 
 class FeatureCache:
@@ -126,13 +141,21 @@ class FeatureCache:
         if not path.is_file():
             raise CacheMismatch(f"no feature cache at {folder}: build it with `vrpo cache-features --config CONFIG`")
         manifest = json.loads(path.read_text())
-        expected = expected_manifest(encoder, data, tuple(data.images.shape[-2:]), manifest.get("dtype", "?"), manifest.get("shard_size", 0))
+        expected = expected_manifest(
+            encoder, data, tuple(data.images.shape[-2:]), manifest.get("dtype", "?"), manifest.get("shard_size", 0)
+        )
         diff = _differences(_identity(manifest), _identity(expected))
         if diff:
-            raise CacheMismatch(f"feature cache {folder} was made for another encoder or dataset (differs in {', '.join(diff[:5])}): rebuild it or point objective.feature_cache elsewhere")
+            raise CacheMismatch(
+                f"feature cache {folder} was made for another encoder or dataset (differs in "
+                f"{', '.join(diff[:5])}): rebuild it or point objective.feature_cache elsewhere"
+            )
         if not manifest.get("complete"):
             raise CacheMismatch(f"feature cache {folder} is incomplete: rerun `vrpo cache-features` to finish it")
-        shards = [load_file(str(folder / f"shard_{k:05d}.safetensors")) for k in range(-(-len(data) // manifest["shard_size"]))]
+        shards = [
+            load_file(str(folder / f"shard_{k:05d}.safetensors"))
+            for k in range(-(-len(data) // manifest["shard_size"]))
+        ]
         self.tokens = torch.cat([s["tokens"] for s in shards])
         self.global_ = torch.cat([s["global"] for s in shards])
         self.grid = tuple(manifest["grid"])

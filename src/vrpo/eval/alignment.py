@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cknna", "hsic_unbiased", "linear_probe_accuracy", "representation_alignment"]
+from vrpo.utils.types import ArrayLike
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+__all__ = ["cknna", "hsic_unbiased", "linear_probe_accuracy", "representation_alignment"]
 
 
 def _as_float64_tensor(values: ArrayLike) -> torch.Tensor:

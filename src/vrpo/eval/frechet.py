@@ -17,12 +17,10 @@ finite value that matches an SVD-of-the-data reference to ~1e-15.
 
 from __future__ import annotations
 
-from typing import Union
-
 import numpy as np
 import torch
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+from vrpo.utils.types import ArrayLike
 
 __all__ = [
     "as_float64_numpy",

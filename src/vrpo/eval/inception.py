@@ -35,7 +35,6 @@ import importlib.metadata
 import importlib.util
 import warnings
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -142,10 +141,10 @@ class InceptionFeatures:
 
     def __init__(
         self,
-        device: Union[str, torch.device] = "cpu",
+        device: str | torch.device = "cpu",
         batch_size: int = 32,
         progress: bool = False,
-        weights_path: Union[str, Path, None] = None,
+        weights_path: str | Path | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -201,7 +200,7 @@ class InceptionFeatures:
         spatial = spatial.permute(0, 2, 3, 1).reshape(spatial.shape[0], -1)
         return pool, spatial
 
-    def __call__(self, images_uint8: Union[torch.Tensor, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, images_uint8: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
         if isinstance(images_uint8, np.ndarray):
             images_uint8 = torch.from_numpy(images_uint8)
         pool_batches, spatial_batches = [], []

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 from vrpo.errors import EvalError
-from vrpo.runs.logs import read_log
-
-PathLike = Union[str, Path]
+from vrpo.utils.jsonl import read_log
+from vrpo.utils.types import PathLike
 
 
 def metric_curves(run: PathLike, metric: str) -> tuple[list[int], list[float]]:

@@ -12,14 +12,11 @@ matrix: peak extra memory is ``row_block_size x N`` floats.
 
 from __future__ import annotations
 
-from typing import Union
-
-import numpy as np
 import torch
 
-__all__ = ["knn_radii", "precision_recall"]
+from vrpo.utils.types import ArrayLike
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+__all__ = ["knn_radii", "precision_recall"]
 
 
 def _as_feature_tensor(features: ArrayLike, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -56,7 +53,7 @@ def precision_recall(
     sample_features: ArrayLike,
     k: int = 3,
     row_block_size: int = 1024,
-    device: Union[str, torch.device, None] = None,
+    device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     """Improved precision and recall of ``sample_features`` [M, D] against ``reference_features`` [N, D].

@@ -8,9 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,12 +22,11 @@ from vrpo.data.datasets import IMAGE_SUFFIXES
 from vrpo.errors import EvalError
 from vrpo.eval.frechet import feature_statistics
 from vrpo.eval.refstats import FINGERPRINT_KEY, dataset_fingerprint, load_reference_stats, save_reference_stats
+from vrpo.utils.types import PathLike
 
 DEFAULT_CACHE_DIR = "~/.cache/vrpo/refstats"
 DEFAULT_REF_NUM = 10_000
 BUILTIN_SPLITS = ("fashion-mnist", "mnist", "digits")
-
-PathLike = Union[str, Path]
 
 
 @dataclass
@@ -79,7 +79,9 @@ def read_images(path: PathLike) -> torch.Tensor:
             array = archive["arr_0"]
     except ValueError as err:
         if "Object arrays" in str(err):  # a list of differently sized images
-            raise EvalError(f"{path}: arr_0 is an object array (images of mixed sizes?); expected uint8 N x H x W x C") from None
+            raise EvalError(
+                f"{path}: arr_0 is an object array (images of mixed sizes?); expected uint8 N x H x W x C"
+            ) from None
         raise EvalError(f"{path} is not a readable npz: {err}") from None
     except OSError as err:
         raise EvalError(f"{path} is not a readable npz: {err}") from None
@@ -106,12 +108,16 @@ class Reference:
             return tuple(self.images.shape[1:])
         shape = self.stored.get("data_shape")
         if not shape or len(shape) != 4:
-            raise EvalError(f"{self.stats_path} does not record its image size (data_shape); cannot check it against the samples")
+            raise EvalError(
+                f"{self.stats_path} does not record its image size (data_shape); cannot check it against the samples"
+            )
         return tuple(shape[1:])
 
     @property
     def num(self) -> int:
-        return len(self.images) if self.images is not None else int(self.stored.get("num", self.stored["data_shape"][0]))
+        return (
+            len(self.images) if self.images is not None else int(self.stored.get("num", self.stored["data_shape"][0]))
+        )
 
 
 def _stored_fingerprint(path: Path) -> dict | None:
@@ -139,7 +145,10 @@ def load_reference(ref: PathLike, num: int = DEFAULT_REF_NUM, data_root: str | N
         if not split:
             raise EvalError(f"reference {ref} not found")
         if name not in BUILTIN_SPLITS:
-            raise EvalError(f"reference {ref!r} is neither a file nor a dataset split NAME:SPLIT with NAME in {', '.join(BUILTIN_SPLITS)}")
+            raise EvalError(
+                f"reference {ref!r} is neither a file nor a dataset split NAME:SPLIT with NAME in "
+                f"{', '.join(BUILTIN_SPLITS)}"
+            )
         data = load_split(name, split, data_root)
         slug = f"{name}-{split}"
     data = balanced_subset(data, num, seed=0)
@@ -163,13 +172,17 @@ def _refused(err: Exception, path: Path) -> EvalError:
     return EvalError(f"{err} (delete {path} or use another --cache-dir)")
 
 
-def reference_statistics(reference: Reference, extractor: FeatureExtractor, cache_dir: PathLike = DEFAULT_CACHE_DIR) -> tuple[dict, Path]:
-    """Statistics of ``reference`` under ``extractor``: from the cache when its fingerprint matches, else computed and cached."""
+def reference_statistics(
+    reference: Reference, extractor: FeatureExtractor, cache_dir: PathLike = DEFAULT_CACHE_DIR
+) -> tuple[dict, Path]:
+    """Statistics of ``reference`` under ``extractor``: from the cache when its fingerprint matches,
+    else computed and cached."""
     if reference.images is None:
         path, stored = reference.stats_path, reference.stored
         if stored.get("feature_extractor") != extractor.info.get("feature_extractor"):
             raise EvalError(
-                f"{path} holds statistics of {stored.get('feature_extractor')!r}, not of {extractor.info.get('feature_extractor')!r}"
+                f"{path} holds statistics of {stored.get('feature_extractor')!r}, not of "
+                f"{extractor.info.get('feature_extractor')!r}"
             )
         try:  # same images by construction; version, resize or weights may still differ
             return load_reference_stats(path, {**stored, **extractor.info}), path

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
 
 from vrpo.eval.inception import feature_extractor_info
 from vrpo.utils.files import replacing
+from vrpo.utils.types import PathLike
 
 __all__ = ["FINGERPRINT_KEY", "dataset_fingerprint", "load_reference_stats", "save_reference_stats"]
 
 FINGERPRINT_KEY = "__fingerprint_json__"
-
-PathLike = Union[str, os.PathLike]
 
 
 def _canonical_json(fingerprint: Mapping[str, Any]) -> str:
@@ -35,8 +34,8 @@ def _canonical_json(fingerprint: Mapping[str, Any]) -> str:
 
 
 def dataset_fingerprint(
-    images_uint8: Union[np.ndarray, torch.Tensor],
-    extractor_info: Optional[Mapping[str, str]] = None,
+    images_uint8: np.ndarray | torch.Tensor,
+    extractor_info: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Fingerprint of an image set and the features computed from it.
 

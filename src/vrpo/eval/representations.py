@@ -4,9 +4,10 @@ noised held-out images (in-domain, or another dataset for transfer)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,21 +15,29 @@ import torch
 from vrpo.data import balanced_subset, keyed_generator, load_split
 from vrpo.errors import EvalError
 from vrpo.eval.alignment import cknna, linear_probe_accuracy
-from vrpo.eval.references import PathLike
-from vrpo.eval.sample_metrics import FD_ENCODER_INPUT_SIZE, encoder_extractor, finite_or_none, parse_metrics
 from vrpo.eval.references import FeatureExtractor
+from vrpo.eval.sample_metrics import FD_ENCODER_INPUT_SIZE, encoder_extractor, finite_or_none, parse_metrics
 from vrpo.objectives import Batch, build_objective
 from vrpo.objectives.alignment import default_encoder_depth
 from vrpo.runs import latest_checkpoint, load_run_model
 from vrpo.utils.images import to_model_space
+from vrpo.utils.types import PathLike
 
 RUN_METRICS = ("ra", "cknna", "probe")
 CKNNA_K = 10
 
 
 @torch.no_grad()
-def block_states(model, noising, images: torch.Tensor, timesteps: Sequence[float], depth: int,
-                 align=None, seed: int = 0, batch_size: int = 64) -> tuple[dict, dict]:
+def block_states(
+    model,
+    noising,
+    images: torch.Tensor,
+    timesteps: Sequence[float],
+    depth: int,
+    align=None,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> tuple[dict, dict]:
     """Mean-pooled block-``depth`` states per timestep [N, D], and RA per timestep when ``align`` is given.
 
     ``noising`` is the run's forward process (its objective's); ``t`` is the fraction of the way
@@ -43,7 +52,9 @@ def block_states(model, noising, images: torch.Tensor, timesteps: Sequence[float
         x = to_model_space(pixels)
         noise = torch.randn(x.shape, generator=keyed_generator(seed, start)).to(device)
         # Targets do not depend on t: encode once per batch.
-        targets = align.targets(Batch(x, None, pixels, torch.arange(start, start + len(x)))) if align is not None else None
+        targets = (
+            align.targets(Batch(x, None, pixels, torch.arange(start, start + len(x)))) if align is not None else None
+        )
         for t in timesteps:
             times = noising.fixed_times(t, x.shape[0], device)
             x_t = noising.add_noise(x, noise, times)
@@ -94,7 +105,9 @@ def evaluate_representations(
     root = cfg.data.root if name == cfg.data.name else None  # a user's copy elsewhere: $VRPO_DATA_ROOT
     held_out = balanced_subset(load_split(name, split, root, cfg.data.resolution), num, seed)
     if held_out.images.shape[1] != model.in_channels:
-        raise EvalError(f"{name}:{split} has {held_out.images.shape[1]} channel(s), the run's model takes {model.in_channels}")
+        raise EvalError(
+            f"{name}:{split} has {held_out.images.shape[1]} channel(s), the run's model takes {model.in_channels}"
+        )
     cfg = replace(cfg, objective=cfg.objective.without_feature_cache())  # held-out images are not in the training cache
     objective = build_objective(cfg, model, held_out).to(device)
     checkpoint = latest_checkpoint(Path(run_dir))
@@ -106,21 +119,34 @@ def evaluate_representations(
     depth = align.depth if align is not None else default_encoder_depth(model.depth)
 
     result: dict[str, Any] = {
-        "run": str(run_dir), "step": step, "weights": which, "objective": cfg.objective.name,
-        "dataset": name, "split": split, "num": len(held_out), "depth": depth, "timesteps": list(timesteps),
+        "run": str(run_dir),
+        "step": step,
+        "weights": which,
+        "objective": cfg.objective.name,
+        "dataset": name,
+        "split": split,
+        "num": len(held_out),
+        "depth": depth,
+        "timesteps": list(timesteps),
     }
     need_ra = "ra" in metrics and align is not None
-    features, ra = block_states(model, objective.noising, held_out.images, timesteps, depth, align if need_ra else None, seed, batch_size)
+    features, ra = block_states(
+        model, objective.noising, held_out.images, timesteps, depth, align if need_ra else None, seed, batch_size
+    )
     if "ra" in metrics:
         if align is None:
             result["ra"] = None
-            result.setdefault("unavailable", {})["ra"] = f"objective {cfg.objective.name!r} has no projector to measure RA with"
+            result.setdefault("unavailable", {})["ra"] = (
+                f"objective {cfg.objective.name!r} has no projector to measure RA with"
+            )
         else:
             result.update({f"ra@{t:g}": ra[t] for t in timesteps})
             result["ra"] = float(np.mean(list(ra.values())))
     try:
         if "cknna" in metrics:
-            encoder = encoder or encoder_extractor(encoder_weights, encoder_name, encoder_input_size, device, batch_size)
+            encoder = encoder or encoder_extractor(
+                encoder_weights, encoder_name, encoder_input_size, device, batch_size
+            )
             targets = encoder.features(held_out.images)["global"]
             values = {t: cknna(features[t], targets, k=CKNNA_K) for t in timesteps}
             result["cknna_encoder"] = encoder.info.get("feature_extractor")
@@ -128,8 +154,13 @@ def evaluate_representations(
             result["cknna"] = finite_or_none(float(np.mean(list(values.values()))))
         if "probe" in metrics:
             train = balanced_subset(load_split(name, "train", root, cfg.data.resolution), probe_train or num, seed + 1)
-            train_features, _ = block_states(model, objective.noising, train.images, timesteps, depth, None, seed + 1, batch_size)
-            values = {t: linear_probe_accuracy(train_features[t], train.labels, features[t], held_out.labels) for t in timesteps}
+            train_features, _ = block_states(
+                model, objective.noising, train.images, timesteps, depth, None, seed + 1, batch_size
+            )
+            values = {
+                t: linear_probe_accuracy(train_features[t], train.labels, features[t], held_out.labels)
+                for t in timesteps
+            }
             result["probe_train"] = len(train)
             result.update({f"probe@{t:g}": v for t, v in values.items()})
             result["probe"] = float(np.mean(list(values.values())))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,17 +26,18 @@ from vrpo.eval.references import (
     DEFAULT_CACHE_DIR,
     DEFAULT_REF_NUM,
     FeatureExtractor,
-    PathLike,
     describe_shape,
     load_reference,
     read_images,
     reference_statistics,
     summarize,
 )
+from vrpo.utils.types import PathLike
 
 FD_ENCODER_INPUT_SIZE = 224
 # Metric -> the feature extractor it needs.
 SAMPLE_METRICS = {"fid": "inception", "sfid": "inception", "pr": "inception", "fd_encoder": "encoder"}
+
 
 def inception_extractor(device: str = "cpu", batch_size: int = 64, progress: bool = False) -> FeatureExtractor:
     """FID Inception: ``pool`` (FID, precision/recall) and ``spatial`` (sFID) features."""
@@ -64,7 +66,10 @@ def encoder_extractor(
     encoder = encoder.to(device)
 
     def features(images: torch.Tensor) -> dict[str, np.ndarray]:
-        parts = [encoder(images[i : i + batch_size]).global_.double().cpu().numpy() for i in range(0, len(images), batch_size)]
+        parts = [
+            encoder(images[i : i + batch_size]).global_.double().cpu().numpy()
+            for i in range(0, len(images), batch_size)
+        ]
         return {"global": np.concatenate(parts)}
 
     info = {"feature_extractor": f"{encoder.name} global", "encoder": encoder.describe()}
@@ -113,15 +118,21 @@ def evaluate_samples(
     metrics = parse_metrics(metrics, list(SAMPLE_METRICS))
     images = samples if isinstance(samples, torch.Tensor) else read_images(samples)
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise EvalError(f"samples must be uint8 [N, C, H, W] with C in (1, 3), got {images.dtype} {tuple(images.shape)}")
+        raise EvalError(
+            f"samples must be uint8 [N, C, H, W] with C in (1, 3), got {images.dtype} {tuple(images.shape)}"
+        )
     if num is not None:
         if len(images) < num:
-            raise EvalError(f"{samples if not isinstance(samples, torch.Tensor) else 'samples'} holds {len(images)} images, fewer than --num {num}")
+            raise EvalError(
+                f"{samples if not isinstance(samples, torch.Tensor) else 'samples'} holds {len(images)} images, "
+                f"fewer than --num {num}"
+            )
         images = images[:num]
     reference = load_reference(ref, ref_num, data_root)
     if tuple(images.shape[1:]) != reference.image_shape:
         raise EvalError(
-            f"samples are {describe_shape(images.shape[1:])} but reference {ref} is {describe_shape(reference.image_shape)}: "
+            f"samples are {describe_shape(images.shape[1:])} but reference {ref} is "
+            f"{describe_shape(reference.image_shape)}: "
             "use a reference of the samples' size"
         )
 
@@ -145,8 +156,10 @@ def evaluate_samples(
         stats = summarize(extractor.features(images))
         infos[group] = extractor.info
 
-        def fd(key: str) -> float:
-            return frechet_distance(stats[f"{key}_mu"], stats[f"{key}_sigma"], ref_stats[f"{key}_mu"], ref_stats[f"{key}_sigma"])
+        def fd(key: str, stats=stats, ref_stats=ref_stats) -> float:
+            return frechet_distance(
+                stats[f"{key}_mu"], stats[f"{key}_sigma"], ref_stats[f"{key}_mu"], ref_stats[f"{key}_sigma"]
+            )
 
         try:
             if "fid" in metrics and group == "inception":

@@ -4,18 +4,20 @@ weights at a step, with held-out RA for alignment methods, appended to RUN/metri
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from vrpo.data import balanced_subset, load_split
 from vrpo.errors import EvalError
-from vrpo.eval.references import DEFAULT_CACHE_DIR, DEFAULT_REF_NUM, FeatureExtractor, PathLike
+from vrpo.eval.references import DEFAULT_CACHE_DIR, DEFAULT_REF_NUM, FeatureExtractor
 from vrpo.eval.representations import block_states
 from vrpo.eval.sample_metrics import describe_record, evaluate_samples, metrics_record
 from vrpo.runs import append_record
 from vrpo.sample import generate_images
+from vrpo.utils.types import PathLike
 
 
 def run_reference(cfg) -> str:
@@ -56,10 +58,30 @@ def evaluate_during_training(
         raise EvalError("sample metrics need pixels; latent runs would need a decoder first")
     device = str(next(model_or_ema.parameters()).device)
     images = generate_images(model_or_ema, cfg, num, seed, batch_size, **sampler_overrides)
-    result = evaluate_samples(images, ref, metrics, ref_num=ref_num, cache_dir=cache_dir, data_root=reference_root(cfg, ref),
-                              device=device, batch_size=batch_size, extractors=extractors)
+    result = evaluate_samples(
+        images,
+        ref,
+        metrics,
+        ref_num=ref_num,
+        cache_dir=cache_dir,
+        data_root=reference_root(cfg, ref),
+        device=device,
+        batch_size=batch_size,
+        extractors=extractors,
+    )
     record = {**metrics_record(step, result), **(extra or {})}
     append_record(Path(run_dir) / "metrics.jsonl", record)
+    return record
+
+
+def evaluate_configured(run_dir, model, cfg, step: int, num: int, metrics, extractors: dict, extra=None) -> dict:
+    """``evaluate_during_training`` with the run's own reference, seed and caches (cfg.eval), printed."""
+    e = cfg.eval
+    record = evaluate_during_training(
+        run_dir, model, cfg, step, num, run_reference(cfg), metrics=metrics, seed=e.seed, ref_num=e.ref_num,
+        cache_dir=e.cache_dir, extractors=extractors, extra=extra,
+    )  # fmt: skip
+    print(describe_record(record))
     return record
 
 
@@ -82,12 +104,7 @@ class TrainingEvaluator:
         final = step == self.cfg.train.max_steps
         num = e.final_num_samples if final and e.final_num_samples else e.num_samples
         metrics = e.final_metrics if final and e.final_metrics else e.metrics
-        record = evaluate_during_training(
-            self.run_dir, ema, self.cfg, step, num, run_reference(self.cfg), metrics=metrics, seed=e.seed,
-            ref_num=e.ref_num, cache_dir=e.cache_dir, extractors=self.extractors, extra=extra,
-        )
-        print(describe_record(record))
-        return record
+        return evaluate_configured(self.run_dir, ema, self.cfg, step, num, metrics, self.extractors, extra)
 
     def held_out_ra(self, ema, objective, model, t: float = 0.5) -> float:
         """RA (mean cosine of projected block-d states and encoder tokens) on held-out images at time t."""

@@ -1,5 +1,6 @@
 """Networks: the SiT/DiT transformer and the projector heads that alignment methods train."""
 
+from vrpo.models.heads import Projector
 from vrpo.models.transformer import (
     SIZES,
     DiffusionTransformer,
@@ -8,6 +9,5 @@ from vrpo.models.transformer import (
     model_names,
     parse_arch,
 )
-from vrpo.models.heads import Projector
 
 __all__ = ["SIZES", "DiffusionTransformer", "ModelOutput", "Projector", "build_model", "model_names", "parse_arch"]

@@ -10,8 +10,8 @@ numbered 1..depth as in the REPA paper (``encoder_depth=d`` aligns the output of
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -162,7 +162,9 @@ class DiffusionTransformer(nn.Module):
         self.grid = input_size // patch_size
 
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid, self.grid)[None], persistent=False)
+        self.register_buffer(
+            "pos_embed", sincos_pos_embed_2d(hidden_size, self.grid, self.grid)[None], persistent=False
+        )
         self.t_embedder = TimestepEmbedder(hidden_size)
         # num_classes == 0: unconditional; the table then only holds the null class.
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
@@ -206,7 +208,8 @@ class DiffusionTransformer(nn.Module):
         """Tokens after patch and position embedding, and the conditioning vector."""
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size or x.shape[1] != self.in_channels:
             raise ValueError(
-                f"model expects {self.in_channels} x {self.input_size} x {self.input_size} inputs, got {tuple(x.shape[1:])}"
+                f"model expects {self.in_channels} x {self.input_size} x {self.input_size} inputs, got "
+                f"{tuple(x.shape[1:])}"
             )
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         if y is None:
@@ -290,7 +293,10 @@ def parse_arch(name: str) -> tuple[str, str, int]:
             return family, size, int(patch)
     except ValueError:
         pass
-    raise ValueError(f"unknown architecture {name!r}: expected FAMILY-SIZE/PATCH, e.g. SiT-T/2 (sizes {', '.join(SIZES)}; patches {PATCHES})")
+    raise ValueError(
+        f"unknown architecture {name!r}: expected FAMILY-SIZE/PATCH, e.g. SiT-T/2 (sizes {', '.join(SIZES)}; "
+        f"patches {PATCHES})"
+    )
 
 
 def build_model(arch: str, input_size: int, in_channels: int, num_classes: int, **overrides) -> DiffusionTransformer:
@@ -298,4 +304,6 @@ def build_model(arch: str, input_size: int, in_channels: int, num_classes: int, 
     width, depth, heads = SIZES[size]
     kwargs = dict(hidden_size=width, depth=depth, num_heads=heads, learn_sigma=family == "DiT")
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    return DiffusionTransformer(input_size=input_size, in_channels=in_channels, patch_size=patch, num_classes=num_classes, **kwargs)
+    return DiffusionTransformer(
+        input_size=input_size, in_channels=in_channels, patch_size=patch, num_classes=num_classes, **kwargs
+    )

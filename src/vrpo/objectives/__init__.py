@@ -44,6 +44,13 @@ def available_objectives() -> list[str]:
 
 
 __all__ = [
-    "Batch", "DenoisingStep", "LossOutput", "Objective", "ObjectiveOptions", "available_objectives",
-    "build_objective", "objective_class", "objective_options",
+    "Batch",
+    "DenoisingStep",
+    "LossOutput",
+    "Objective",
+    "ObjectiveOptions",
+    "available_objectives",
+    "build_objective",
+    "objective_class",
+    "objective_options",
 ]

@@ -46,7 +46,9 @@ class AlignmentOptions(ObjectiveOptions):
     def validate(self, cfg) -> None:
         depth = SIZES[parse_arch(cfg.model.arch)[1]][1]
         if not 0 <= self.encoder_depth <= depth:
-            raise ConfigError(f"objective.encoder_depth {self.encoder_depth} is outside blocks 1..{depth} of {cfg.model.arch}")
+            raise ConfigError(
+                f"objective.encoder_depth {self.encoder_depth} is outside blocks 1..{depth} of {cfg.model.arch}"
+            )
         if self.token_grid not in ("resample_targets", "pool_model"):
             raise ConfigError(f"objective.token_grid must be resample_targets or pool_model, got {self.token_grid!r}")
         if self.resample_mode not in ("bilinear", "area", "nearest"):
@@ -91,14 +93,19 @@ class AlignmentTargets(nn.Module):
         # Encoders are frozen and large: kept out of the module tree so they are neither
         # checkpointed nor handed to the optimizer.
         self.__dict__["encoders"] = build_alignment_encoders(options, cfg.data.resolution)
-        self.projectors = nn.ModuleList(Projector(model.hidden_size, e.token_dim, options.projector_width) for e in self.encoders)
+        self.projectors = nn.ModuleList(
+            Projector(model.hidden_size, e.token_dim, options.projector_width) for e in self.encoders
+        )
         self.model_grid = (model.grid, model.grid)
         image_hw = (cfg.data.resolution, cfg.data.resolution)
         self.encoder_grids = [tuple(e.grid_for(image_hw)) for e in self.encoders]
         if options.token_grid == "pool_model":
             for e, grid in zip(self.encoders, self.encoder_grids):
                 if grid[0] > model.grid or grid[1] > model.grid:
-                    raise ConfigError(f"objective.token_grid=pool_model cannot pool the {model.grid}x{model.grid} model grid up to {e.name}'s {grid[0]}x{grid[1]}: use resample_targets")
+                    raise ConfigError(
+                        f"objective.token_grid=pool_model cannot pool the {model.grid}x{model.grid} model grid up "
+                        f"to {e.name}'s {grid[0]}x{grid[1]}: use resample_targets"
+                    )
         self.caches = None
         if options.feature_cache:
             if data is None:
@@ -181,4 +188,4 @@ def _rename_legacy_keys(state_dict, prefix, *args) -> None:
     """Checkpoints written before the contract named the targets ``align``."""
     legacy = prefix + "align."
     for key in [k for k in state_dict if k.startswith(legacy)]:
-        state_dict[prefix + "alignment." + key[len(legacy):]] = state_dict.pop(key)
+        state_dict[prefix + "alignment." + key[len(legacy) :]] = state_dict.pop(key)

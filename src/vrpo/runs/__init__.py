@@ -2,9 +2,18 @@
 
 from vrpo.runs.checkpoint import CheckpointError, latest_checkpoint, load_weights, step_dir, step_dirs
 from vrpo.runs.folder import load_run_config, load_run_model, newest_checkpoint_step, read_metrics
-from vrpo.runs.logs import append_record, read_log
+from vrpo.utils.jsonl import append_record, read_log
 
 __all__ = [
-    "CheckpointError", "append_record", "latest_checkpoint", "load_run_config", "load_run_model", "load_weights",
-    "newest_checkpoint_step", "read_log", "read_metrics", "step_dir", "step_dirs",
+    "CheckpointError",
+    "append_record",
+    "latest_checkpoint",
+    "load_run_config",
+    "load_run_model",
+    "load_weights",
+    "newest_checkpoint_step",
+    "read_log",
+    "read_metrics",
+    "step_dir",
+    "step_dirs",
 ]

@@ -69,6 +69,7 @@ def step_dirs(run_dir: Path) -> list[Path]:
 
 # ---------------------------------------------------------------- optimizer and RNG as tensors + JSON
 
+
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
     for index, entry in state["state"].items():
@@ -114,6 +115,7 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 # ---------------------------------------------------------------- save / load
+
 
 @dataclass
 class Checkpoint:

@@ -13,7 +13,7 @@ import yaml
 from vrpo.config import Config, config_from_dict
 from vrpo.models import build_model
 from vrpo.runs.checkpoint import load_weights, step_dirs
-from vrpo.runs.logs import read_log
+from vrpo.utils.jsonl import read_log
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -30,8 +30,14 @@ def load_run_model(run_dir: str | Path, which: str = "ema", device: str = "cpu",
     has_labels = "y_embedder.table.weight" in weights
     num_classes = weights["y_embedder.table.weight"].shape[0] - 1 if has_labels else 0
     channels = weights["patch_embed.weight"].shape[1]
-    model = build_model(cfg.model.arch, cfg.data.resolution, channels, num_classes, mlp_ratio=cfg.model.mlp_ratio,
-                        qk_norm=cfg.model.qk_norm)
+    model = build_model(
+        cfg.model.arch,
+        cfg.data.resolution,
+        channels,
+        num_classes,
+        mlp_ratio=cfg.model.mlp_ratio,
+        qk_norm=cfg.model.qk_norm,
+    )
     model.load_state_dict(weights)
     return cfg, model.to(device).eval(), step
 

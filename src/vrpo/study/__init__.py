@@ -11,6 +11,18 @@ from vrpo.study.spec import StudySpec, load_study, method_config
 from vrpo.study.statistics import mean_ci, steps_to_reach, t_critical, verdict
 
 __all__ = [
-    "RETENTION_MIN_RA", "RunRecord", "StudySpec", "collect", "load_study", "mean_ci", "method_config", "read_run",
-    "run_study", "steps_to_reach", "t_critical", "training_wall_s", "verdict", "write_report",
+    "RETENTION_MIN_RA",
+    "RunRecord",
+    "StudySpec",
+    "collect",
+    "load_study",
+    "mean_ci",
+    "method_config",
+    "read_run",
+    "run_study",
+    "steps_to_reach",
+    "t_critical",
+    "training_wall_s",
+    "verdict",
+    "write_report",
 ]

@@ -12,10 +12,10 @@ import numpy as np
 from vrpo.runs import read_log, read_metrics
 from vrpo.study.spec import StudySpec, method_config, source_dir
 
-
 # Below this in-domain RA (an alignment that collapsed) retention is a ratio of two near-zero
 # cosines, noise that would read as "better": the report leaves it out.
 RETENTION_MIN_RA = 0.25
+
 
 @dataclass
 class RunRecord:
@@ -38,8 +38,11 @@ class RunRecord:
             return float(np.var(values, ddof=1)) if step is None and len(values) > 1 else None
         rep_in, rep_out = self.representations.get("in_domain", {}), self.representations.get("transfer", {})
         retained = rep_out.get("ra") is not None and (rep_in.get("ra") or 0.0) >= RETENTION_MIN_RA
-        derived = {"transfer_ra": rep_out.get("ra"), "transfer_cknna": rep_out.get("cknna"),
-                   "ra_retention": 100.0 * rep_out["ra"] / rep_in["ra"] if retained else None}
+        derived = {
+            "transfer_ra": rep_out.get("ra"),
+            "transfer_cknna": rep_out.get("cknna"),
+            "ra_retention": 100.0 * rep_out["ra"] / rep_in["ra"] if retained else None,
+        }
         if key in derived:
             return derived[key] if step is None else None
         if step is None:
@@ -51,6 +54,7 @@ class RunRecord:
 
     def curve(self, key: str) -> list[tuple[int, float]]:
         return sorted((st, r[key]) for st, r in self.metrics.items() if r.get(key) is not None)
+
 
 def training_wall_s(folder: Path, log: list[dict]) -> float:
     """Training wall time over all attempts, killed ones included: a completed attempt counts its
@@ -66,6 +70,7 @@ def training_wall_s(folder: Path, log: list[dict]) -> float:
         done = [r["wall_s"] for r in completed if start <= r["at"] < end]
         total += done[0] if done else max((t for t in logged if start <= t < end), default=start) - start
     return total
+
 
 def read_run(folder: Path, batch_size: int) -> RunRecord:
     log = read_log(folder / "log.jsonl")
@@ -83,6 +88,7 @@ def read_run(folder: Path, batch_size: int) -> RunRecord:
         log=log,
     )
 
+
 def collect(spec: StudySpec) -> dict[str, dict[int, RunRecord]]:
     """method -> seed -> run record."""
     out: dict[str, dict[int, RunRecord]] = {}
@@ -90,6 +96,7 @@ def collect(spec: StudySpec) -> dict[str, dict[int, RunRecord]]:
         batch = method_config(spec, m, spec.seeds[0]).train.batch_size
         out[m] = {s: read_run(source_dir(spec, m, s), batch) for s in spec.seeds}
     return out
+
 
 def measured_steps(data, key: str) -> list[int]:
     """The steps at which any run of the study has ``key``."""

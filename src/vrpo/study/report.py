@@ -10,7 +10,7 @@ import numpy as np
 
 from vrpo.study.records import RETENTION_MIN_RA, collect, measured_steps
 from vrpo.study.spec import StudySpec
-from vrpo.study.statistics import HIGHER_IS_BETTER, mean_ci, steps_to_reach, verdict
+from vrpo.study.statistics import mean_ci, steps_to_reach, verdict
 
 
 def _fmt(mean: float, half: float, n: int, fmt: str = ".2f") -> str:
@@ -18,11 +18,13 @@ def _fmt(mean: float, half: float, n: int, fmt: str = ".2f") -> str:
         return "-"
     return f"{mean:{fmt}} +- {half:{fmt}} (n={n})" if n > 1 else f"{mean:{fmt}} (n=1)"
 
+
 def _number_format(key: str) -> str:
     """Format spec of a metric's values: variances span decades, so they get significant digits."""
     if key.startswith("var:"):
         return ".2e"
     return ".4f" if key.startswith(("ra", "cknna", "transfer")) and key != "ra_retention" else ".2f"
+
 
 def _interval(mean: float, half: float, fmt: str, prefix: str = "") -> str:
     """[low, high] of a 95 % interval; "-" where one seed gives none."""
@@ -31,7 +33,10 @@ def _interval(mean: float, half: float, fmt: str, prefix: str = "") -> str:
     sign = "" if prefix else "+"
     return f"[{prefix}{mean - half:{sign}{fmt}}, {prefix}{mean + half:{sign}{fmt}}]"
 
-def paired(data, spec: StudySpec, method: str, key: str, step: int | None = None, reference: str | None = None) -> list[float]:
+
+def paired(
+    data, spec: StudySpec, method: str, key: str, step: int | None = None, reference: str | None = None
+) -> list[float]:
     """Per-seed differences method - reference (default: the baseline) where both have the value."""
     out = []
     for s in spec.seeds:
@@ -39,6 +44,7 @@ def paired(data, spec: StudySpec, method: str, key: str, step: int | None = None
         if a is not None and b is not None:
             out.append(a - b)
     return out
+
 
 def final_table(spec: StudySpec, data) -> list[str]:
     keys = spec.report_metrics
@@ -56,34 +62,59 @@ def final_table(spec: StudySpec, data) -> list[str]:
         cells.append(_fmt(*mean_ci(sps), len(sps), ".3f"))
         cells.append(f"{sum(r.wall_s for r in runs.values()) / 3600:.2f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", f"Paired differences at the final evaluation, method - reference (negative = lower than the reference; "
-              "for RA, CKNNA and retention higher is better); the interval is the 95 % Student-t interval over seeds"
-              + (f"; retention is left out where the in-domain RA is below {RETENTION_MIN_RA}"
-                 if spec.representations.get("transfer") else "") + ":", "",
-              "| method | reference | metric | mean difference | 95 % interval | seeds | verdict |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "Paired differences at the final evaluation, method - reference (negative = lower than the reference; "
+        "for RA, CKNNA and retention higher is better); the interval is the 95 % Student-t interval over seeds"
+        + (
+            f"; retention is left out where the in-domain RA is below {RETENTION_MIN_RA}"
+            if spec.representations.get("transfer")
+            else ""
+        )
+        + ":",
+        "",
+        "| method | reference | metric | mean difference | 95 % interval | seeds | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for m, ref in spec.pairs:
         for k in keys:
             diffs = paired(data, spec, m, k, reference=ref)
             if diffs:
                 mean, half = mean_ci(diffs)
                 f = _number_format(k)
-                lines.append(f"| {m} | {ref} | {k} | {mean:+{f}} | {_interval(mean, half, f)} | {len(diffs)} | {verdict(k, mean, half, len(diffs))} |")
-        ratios = [data[m][s].seconds_per_step / data[ref][s].seconds_per_step for s in spec.seeds
-                  if data[m][s].seconds_per_step and data[ref][s].seconds_per_step]
+                lines.append(
+                    f"| {m} | {ref} | {k} | {mean:+{f}} | {_interval(mean, half, f)} | {len(diffs)} | "
+                    f"{verdict(k, mean, half, len(diffs))} |"
+                )
+        ratios = [
+            data[m][s].seconds_per_step / data[ref][s].seconds_per_step
+            for s in spec.seeds
+            if data[m][s].seconds_per_step and data[ref][s].seconds_per_step
+        ]
         if ratios:  # a ratio, not a difference
             mean, half = mean_ci(ratios)
-            lines.append(f"| {m} | {ref} | s/step ratio | x{mean:.3f} | {_interval(mean, half, '.3f', 'x')} | {len(ratios)} | - |")
+            lines.append(
+                f"| {m} | {ref} | s/step ratio | x{mean:.3f} | {_interval(mean, half, '.3f', 'x')} | {len(ratios)} "
+                "| - |"
+            )
     return lines
+
 
 def speedup_lines(spec: StudySpec, data) -> list[str]:
     """Steps each method needs to reach the reference method's final value, as a ratio per seed."""
     if not spec.speedup:
         return []
     ref, key = spec.speedup["reference"], spec.speedup.get("metric", spec.metric)
-    lines = [f"## Speed-up against {ref}'s final {key}", "",
-             f"Per seed: the step at which a method's {key} curve first reaches {ref}'s final value of that seed "
-             "(linear between evaluations); speed-up = final step / that step. 'not reached' runs are counted, not averaged.", "",
-             "| method | speed-up (mean +- 95 %) | seeds reached | per seed |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"## Speed-up against {ref}'s final {key}",
+        "",
+        f"Per seed: the step at which a method's {key} curve first reaches {ref}'s final value of that seed "
+        "(linear between evaluations); speed-up = final step / that step. 'not reached' runs are counted, not "
+        "averaged.",
+        "",
+        "| method | speed-up (mean +- 95 %) | seeds reached | per seed |",
+        "| --- | --- | --- | --- |",
+    ]
     for m in (m for m in spec.methods if m != ref):
         ratios, per_seed = [], []
         for s in spec.seeds:
@@ -100,24 +131,33 @@ def speedup_lines(spec: StudySpec, data) -> list[str]:
             lines.append(f"| {m} | {cell} | {len(ratios)}/{len(per_seed)} | {'; '.join(per_seed)} |")
     return lines + [""]
 
+
 def write_report(spec: StudySpec) -> Path:
     data = collect(spec)
     report = Path(spec.report)
     report.parent.mkdir(parents=True, exist_ok=True)
     hours = sum(r.wall_s for runs in data.values() for r in runs.values()) / 3600
-    head = [f"# Study {spec.name}", "",
-            f"Base config `{spec.base}`, overrides `{' '.join(spec.set)}`; seeds {spec.seeds} (paired); "
-            f"training wall time of the runs so far: {hours:.2f} h.", "",
-            "## Final evaluation (mean +- 95 % interval over seeds; n = seeds measured)", ""]
+    head = [
+        f"# Study {spec.name}",
+        "",
+        f"Base config `{spec.base}`, overrides `{' '.join(spec.set)}`; seeds {spec.seeds} (paired); "
+        f"training wall time of the runs so far: {hours:.2f} h.",
+        "",
+        "## Final evaluation (mean +- 95 % interval over seeds; n = seeds measured)",
+        "",
+    ]
     summary = final_table(spec, data)
     lines = head + summary + [""] + speedup_lines(spec, data)
     for key in spec.report_metrics:
         steps = measured_steps(data, key)
         if len(steps) < 2:  # a single point (a final-only metric) is already in the final table
             continue
-        lines += [f"## {key} against steps", "", "| step | " + " | ".join(spec.methods) + " | "
-                  + " | ".join(f"{m} - {ref}" for m, ref in spec.pairs) + " |",
-                  "| --- |" + " --- |" * (len(spec.methods) + len(spec.pairs))]
+        lines += [
+            f"## {key} against steps",
+            "",
+            "| step | " + " | ".join(spec.methods) + " | " + " | ".join(f"{m} - {ref}" for m, ref in spec.pairs) + " |",
+            "| --- |" + " --- |" * (len(spec.methods) + len(spec.pairs)),
+        ]
         for st in steps:
             cells = []
             for m in spec.methods:
@@ -132,13 +172,16 @@ def write_report(spec: StudySpec) -> Path:
                 cells.append(f"{mean:+{f}} " + (_interval(mean, half, f) if len(diffs) > 1 else "(n=1)"))
             lines.append(f"| {st} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["Per-run files: the archive beside this report (config, metrics.jsonl, log.jsonl, representations.json).",
-              "Regenerate with `vrpo study --config STUDY.yaml --report-only`."]
+    lines += [
+        "Per-run files: the archive beside this report (config, metrics.jsonl, log.jsonl, representations.json).",
+        "Regenerate with `vrpo study --config STUDY.yaml --report-only`.",
+    ]
     report.write_text("\n".join(lines) + "\n")
     _plot(spec, data, report.with_suffix(".png"))
     if spec.index:
         update_index(Path(spec.index), spec, summary, report)
     return report
+
 
 def update_index(index: Path, spec: StudySpec, summary: list[str], report: Path) -> None:
     """Replace (or append) this study's block in the results index; the rest of the file is left as written."""
@@ -150,11 +193,12 @@ def update_index(index: Path, spec: StudySpec, summary: list[str], report: Path)
     block = "\n".join([begin, f"### Study `{spec.name}` ([report]({link}))", "", *summary, "", end])
     text = index.read_text() if index.is_file() else "# Results\n"
     if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     index.parent.mkdir(parents=True, exist_ok=True)
     index.write_text(text)
+
 
 def _plot(spec: StudySpec, data, out: Path) -> None:
     import matplotlib

@@ -12,10 +12,9 @@ from vrpo.data import load_dataset
 from vrpo.encoders.cache import build_feature_caches
 from vrpo.errors import ConfigError
 from vrpo.eval.representations import evaluate_representations
-from vrpo.eval.sample_metrics import describe_record, evaluate_samples, metrics_record
-from vrpo.eval.training import evaluate_during_training, reference_root, run_reference
+from vrpo.eval.sample_metrics import evaluate_samples, metrics_record
+from vrpo.eval.training import evaluate_configured, reference_root, run_reference
 from vrpo.runs import latest_checkpoint, load_run_model, read_metrics, step_dir
-from vrpo.runs.logs import append_record
 from vrpo.sample import sample_run
 from vrpo.study.report import write_report
 from vrpo.study.spec import (
@@ -28,21 +27,25 @@ from vrpo.study.spec import (
     run_dir,
 )
 from vrpo.train import train
+from vrpo.utils.jsonl import append_record
 
 
 def ensure_feature_cache(cfg) -> None:
     """Build the method's feature cache when the config names one that is missing or incomplete."""
     root = cfg.objective.cache_root()
     if root:
-        build_feature_caches(cfg.objective.build_encoders(cfg.data.resolution), root, lambda: load_dataset(cfg.data),
-                             skip_complete=True)
+        build_feature_caches(
+            cfg.objective.build_encoders(cfg.data.resolution), root, lambda: load_dataset(cfg.data), skip_complete=True
+        )
 
 
 def run_study(spec: StudySpec, log=print, only_seeds=None, only_methods=None) -> Path:
     if only_seeds is not None and set(only_seeds) - set(spec.seeds):
         raise ConfigError(f"--seeds {sorted(set(only_seeds) - set(spec.seeds))} not in the study's seeds {spec.seeds}")
     if only_methods is not None and set(only_methods) - set(spec.methods):
-        raise ConfigError(f"--methods {sorted(set(only_methods) - set(spec.methods))} not in the study's methods {list(spec.methods)}")
+        raise ConfigError(
+            f"--methods {sorted(set(only_methods) - set(spec.methods))} not in the study's methods {list(spec.methods)}"
+        )
     for seed in spec.seeds:  # seed-major: a partial study already holds complete pairs
         if only_seeds is not None and seed not in only_seeds:
             continue
@@ -60,8 +63,10 @@ def run_study(spec: StudySpec, log=print, only_seeds=None, only_methods=None) ->
                 if not missing:
                     continue
                 if not all(step_dir(folder, s).is_dir() for s in missing):
-                    log(f"[study {spec.name}] {method} seed {seed}: curve steps {missing} not evaluated, "
-                        f"their checkpoints are no longer in {folder} (the study does not retrain for them)")
+                    log(
+                        f"[study {spec.name}] {method} seed {seed}: curve steps {missing} not evaluated, "
+                        f"their checkpoints are no longer in {folder} (the study does not retrain for them)"
+                    )
                     continue
             else:
                 done = latest_checkpoint(folder) if folder.exists() else None
@@ -85,14 +90,18 @@ def run_study(spec: StudySpec, log=print, only_seeds=None, only_methods=None) ->
             write_report(spec)
     return write_report(spec)
 
+
 def measure_representations(spec: StudySpec, folder: Path) -> dict:
     """RA / CKNNA of the EMA weights on held-out in-domain images and, with ``transfer``, on an
     out-of-domain set (RA retention = transfer RA / in-domain RA); kept in representations.json."""
     path = folder / "representations.json"
     result = json.loads(path.read_text()) if path.is_file() else {}
     opts = spec.representations
-    kwargs = dict(metrics=opts.get("metrics", ["ra", "cknna"]), num=int(opts.get("num", 500)),
-                  timesteps=tuple(opts.get("timesteps", [0.5])))
+    kwargs = dict(
+        metrics=opts.get("metrics", ["ra", "cknna"]),
+        num=int(opts.get("num", 500)),
+        timesteps=tuple(opts.get("timesteps", [0.5])),
+    )
     domains = {"in_domain": None, **({"transfer": opts["transfer"]} if opts.get("transfer") else {})}
     for key, dataset in domains.items():
         if key not in result:
@@ -100,9 +109,11 @@ def measure_representations(spec: StudySpec, folder: Path) -> dict:
             path.write_text(json.dumps(result, indent=1))
     return result
 
+
 def missing_curve_steps(spec: StudySpec, folder: Path) -> list[int]:
     evaluated = read_metrics(folder) if (folder / "metrics.jsonl").is_file() else {}
     return [s for s in spec.curve_steps if s not in evaluated]
+
 
 def evaluate_curve_steps(cfg, folder: Path, steps: list[int]) -> None:
     """The training-time evaluation (eval.metrics, eval.num_samples, the same sampling noise) of the
@@ -111,12 +122,12 @@ def evaluate_curve_steps(cfg, folder: Path, steps: list[int]) -> None:
     e, extractors = cfg.eval, {}
     for step in steps:
         _, model, _ = load_run_model(folder, step=step)
-        record = evaluate_during_training(folder, model, cfg, step, e.num_samples, run_reference(cfg), metrics=e.metrics,
-                                          seed=e.seed, ref_num=e.ref_num, cache_dir=e.cache_dir, extractors=extractors)
-        print(describe_record(record))
+        evaluate_configured(folder, model, cfg, step, e.num_samples, e.metrics, extractors)
+
 
 def final_suffix(num_samples: int) -> str:
     return f"_{num_samples // 1000}k" if num_samples % 1000 == 0 else f"_{num_samples}"
+
 
 def final_evaluation(spec: StudySpec, cfg, folder: Path) -> dict:
     """Sample metrics of the final EMA weights on ``final.num_samples`` images, kept in final_eval.json
@@ -127,13 +138,23 @@ def final_evaluation(spec: StudySpec, cfg, folder: Path) -> dict:
     num, e = int(spec.final["num_samples"]), cfg.eval
     samples = sample_run(folder, num, folder / f"final_samples_{num}.npz", seed=e.seed, progress=False)
     ref = run_reference(cfg)
-    result = evaluate_samples(samples, ref, spec.final.get("metrics", ["fid"]), ref_num=e.ref_num, cache_dir=e.cache_dir,
-                              data_root=reference_root(cfg, ref))
+    result = evaluate_samples(
+        samples,
+        ref,
+        spec.final.get("metrics", ["fid"]),
+        ref_num=e.ref_num,
+        cache_dir=e.cache_dir,
+        data_root=reference_root(cfg, ref),
+    )
     suffix = final_suffix(num)
-    record = {k if k == "step" else k + suffix: v for k, v in metrics_record(cfg.train.max_steps, result).items()
-              if isinstance(v, (int, float))}
+    record = {
+        k if k == "step" else k + suffix: v
+        for k, v in metrics_record(cfg.train.max_steps, result).items()
+        if isinstance(v, (int, float))
+    }
     path.write_text(json.dumps(record, indent=1))
     return record
+
 
 def archive_run(folder: Path, archive: Path) -> None:
     """Copy a finished run's small outputs to the archive (timing last: it marks the copy complete)."""

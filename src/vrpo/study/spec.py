@@ -62,7 +62,9 @@ class StudySpec:
     speedup: dict = field(default_factory=dict)  # {reference: METHOD, metric: KEY (default: metric)}
     representations: dict = field(default_factory=dict)  # {metrics, num, timesteps, transfer: DATASET}
     final: dict = field(default_factory=dict)  # {num_samples, metrics}: a larger evaluation of the final EMA weights
-    curve_steps: list[int] = field(default_factory=list)  # further curve points, evaluated after training from kept checkpoints
+    curve_steps: list[int] = field(
+        default_factory=list
+    )  # further curve points, evaluated after training from kept checkpoints
 
     @property
     def report_metrics(self) -> list[str]:
@@ -74,16 +76,27 @@ class StudySpec:
         against_baseline = [(m, self.baseline) for m in self.methods if m != self.baseline]
         return list(dict.fromkeys([*against_baseline, *(tuple(c) for c in self.contrasts)]))
 
+
 REPRESENTATION_KEYS = {"metrics", "num", "timesteps", "transfer"}
 
 FINAL_KEYS = {"num_samples", "metrics"}
 
-ARCHIVED = ("config.yaml", "metrics.jsonl", "log.jsonl", "warnings.jsonl", "attempts.jsonl", "timing.jsonl",
-            "representations.json", "final_eval.json")
+ARCHIVED = (
+    "config.yaml",
+    "metrics.jsonl",
+    "log.jsonl",
+    "warnings.jsonl",
+    "attempts.jsonl",
+    "timing.jsonl",
+    "representations.json",
+    "final_eval.json",
+)
+
 
 def merge_study(parent: dict, child: dict) -> dict:
     """A study's ``set`` extends its parent's; every other key is replaced."""
     return {**parent, **child, "set": [*parent.get("set", []), *child.get("set", [])]}
+
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
     tree = read_yaml_tree(path, "study", merge_study)
@@ -94,26 +107,40 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
     if spec.baseline not in spec.methods:
         raise ConfigError(f"study.baseline '{spec.baseline}' is not one of the methods {sorted(spec.methods)}")
     if spec.speedup and spec.speedup.get("reference") not in spec.methods:
-        raise ConfigError(f"study.speedup.reference must be one of the methods {sorted(spec.methods)}, got {spec.speedup.get('reference')!r}")
+        raise ConfigError(
+            f"study.speedup.reference must be one of the methods {sorted(spec.methods)}, got "
+            f"{spec.speedup.get('reference')!r}"
+        )
     if set(spec.speedup) - {"reference", "metric"}:
-        raise ConfigError(f"unknown study.speedup key(s) {sorted(set(spec.speedup) - {'reference', 'metric'})}: use reference, metric")
+        raise ConfigError(
+            f"unknown study.speedup key(s) {sorted(set(spec.speedup) - {'reference', 'metric'})}: use reference, metric"
+        )
     if set(spec.final) - FINAL_KEYS or (spec.final and int(spec.final.get("num_samples", 0)) < 2):
         raise ConfigError(f"study.final takes num_samples (>= 2) and metrics, got {spec.final}")
     if set(spec.representations) - REPRESENTATION_KEYS:
-        raise ConfigError(f"unknown study.representations key(s) {sorted(set(spec.representations) - REPRESENTATION_KEYS)}: use {sorted(REPRESENTATION_KEYS)}")
+        raise ConfigError(
+            f"unknown study.representations key(s) {sorted(set(spec.representations) - REPRESENTATION_KEYS)}: use "
+            f"{sorted(REPRESENTATION_KEYS)}"
+        )
     for pair in spec.contrasts:
         if not (isinstance(pair, list) and len(pair) == 2 and set(pair) <= set(spec.methods) and pair[0] != pair[1]):
-            raise ConfigError(f"study.contrasts takes [method, reference] pairs of two different methods out of {sorted(spec.methods)}, got {pair!r}")
+            raise ConfigError(
+                "study.contrasts takes [method, reference] pairs of two different methods out of "
+                f"{sorted(spec.methods)}, got {pair!r}"
+            )
     for name in spec.methods:
         cfg = method_config(spec, name, spec.seeds[0])  # validate every method before any compute
         t = cfg.train
         saved = list(range(t.ckpt_every, t.max_steps, t.ckpt_every)) if t.ckpt_every > 0 else []
-        kept = saved[max(0, len(saved) - (t.keep_last - 1)):]  # besides the final one
+        kept = saved[max(0, len(saved) - (t.keep_last - 1)) :]  # besides the final one
         for step in spec.curve_steps:
             if step not in kept:
-                raise ConfigError(f"study.curve_steps: {step!r} is not a checkpoint that {name}'s run keeps "
-                                  f"(train.ckpt_every={t.ckpt_every}, keep_last={t.keep_last}, max_steps={t.max_steps}: {kept})")
+                raise ConfigError(
+                    f"study.curve_steps: {step!r} is not a checkpoint that {name}'s run keeps "
+                    f"(train.ckpt_every={t.ckpt_every}, keep_last={t.keep_last}, max_steps={t.max_steps}: {kept})"
+                )
     return spec
+
 
 def method_config(spec: StudySpec, method: str, seed: int):
     overrides = spec.methods[method] or []
@@ -121,29 +148,37 @@ def method_config(spec: StudySpec, method: str, seed: int):
         raise ConfigError(f"study.methods.{method} must be a list of KEY=VALUE overrides")
     return load_config(spec.base, [*spec.set, *overrides, f"train.seed={seed}"])
 
+
 def run_dir(spec: StudySpec, method: str, seed: int) -> Path:
     return Path(spec.out).expanduser() / method / f"seed{seed}"
+
 
 def archive_root(spec: StudySpec) -> Path:
     return Path(spec.archive) if spec.archive else Path(spec.report).with_suffix("")
 
+
 def archive_dir(spec: StudySpec, method: str, seed: int) -> Path:
     return archive_root(spec) / method / f"seed{seed}"
+
 
 def archived_final_step(folder: Path, spec: StudySpec | None = None) -> int | None:
     """The step of a finished run's archive (its timing file is written last), None when incomplete
     (or, given ``spec``, when it lacks the study's representation or final evaluation)."""
     if not (folder / "timing.jsonl").is_file() or not (folder / "config.yaml").is_file():
         return None
-    if spec is not None and ((spec.representations and not (folder / "representations.json").is_file())
-                             or (spec.final and not (folder / "final_eval.json").is_file())):
+    if spec is not None and (
+        (spec.representations and not (folder / "representations.json").is_file())
+        or (spec.final and not (folder / "final_eval.json").is_file())
+    ):
         return None
     return int(yaml.safe_load((folder / "config.yaml").read_text())["train"]["max_steps"])
+
 
 def source_dir(spec: StudySpec, method: str, seed: int) -> Path:
     """Where a run's numbers are read from: its archive once finished, else its run folder."""
     archived = archive_dir(spec, method, seed)
     return archived if archived_final_step(archived) is not None else run_dir(spec, method, seed)
+
 
 def archived_twin(spec: StudySpec, cfg, seed: int) -> Path | None:
     """A finished run of another study, archived beside this one's, with the same resolved config:
@@ -152,7 +187,10 @@ def archived_twin(spec: StudySpec, cfg, seed: int) -> Path | None:
     want = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     for config in sorted(own.parent.glob(f"*/*/seed{seed}/config.yaml")):
         folder = config.parent
-        if folder.parents[1] != own and archived_final_step(folder) == cfg.train.max_steps \
-                and yaml.safe_load(config.read_text()) == want:
+        if (
+            folder.parents[1] != own
+            and archived_final_step(folder) == cfg.train.max_steps
+            and yaml.safe_load(config.read_text()) == want
+        ):
             return folder
     return None

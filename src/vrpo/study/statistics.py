@@ -17,6 +17,7 @@ def t_critical(df: int) -> float:
         table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
         return table.get(df, 1.96 + 2.4 / df)
 
+
 def mean_ci(values) -> tuple[float, float]:
     """Mean and half-width of the 95 % interval (nan half-width for one value)."""
     v = np.asarray(values, dtype=float)
@@ -24,7 +25,9 @@ def mean_ci(values) -> tuple[float, float]:
         return float(v.mean()) if len(v) else float("nan"), float("nan")
     return float(v.mean()), t_critical(len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v))
 
+
 HIGHER_IS_BETTER = ("ra", "cknna", "probe", "transfer_", "ra_retention")
+
 
 def verdict(key: str, mean: float, half: float, n: int) -> str:
     """Whether a paired difference is resolved by its 95 % interval, and in which direction."""
@@ -32,6 +35,7 @@ def verdict(key: str, mean: float, half: float, n: int) -> str:
         return "not resolved"
     better = (mean > 0) == key.startswith(HIGHER_IS_BETTER)
     return "better" if better else "worse"
+
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
     """First step where a lower-is-better curve reaches ``target`` (linear between evaluations)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from vrpo.runs.logs import append_record, read_log
+from vrpo.utils.jsonl import append_record, read_log
 
 
 class RunLogger:

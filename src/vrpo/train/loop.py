@@ -35,8 +35,16 @@ from vrpo.utils.images import save_grid, to_model_space, to_uint8
 
 # Keys that may change when a run is resumed (with every sampler.* key): they do not affect the weights.
 RESUMABLE_CHANGES = {
-    "train.max_steps", "train.ckpt_every", "train.keep_last", "train.log_every", "train.sample_every",
-    "train.sample_grid", "train.progress", "train.tensorboard", "train.threads", "train.max_nonfinite",
+    "train.max_steps",
+    "train.ckpt_every",
+    "train.keep_last",
+    "train.log_every",
+    "train.sample_every",
+    "train.sample_grid",
+    "train.progress",
+    "train.tensorboard",
+    "train.threads",
+    "train.max_nonfinite",
 }  # and every key of the sampler and eval sections
 
 
@@ -82,10 +90,16 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
         return
     saved = _flat(load_run_config(run_dir).to_dict())
     now = _flat(cfg.to_dict())
-    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES and not k.startswith(("sampler.", "eval."))]
+    changed = [
+        k
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES and not k.startswith(("sampler.", "eval."))
+    ]
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
-        raise ConfigError(f"{run_dir} was started with another config ({detail}); resume with the same config or use a new --out")
+        raise ConfigError(
+            f"{run_dir} was started with another config ({detail}); resume with the same config or use a new --out"
+        )
     save_config(cfg, path)  # record the allowed changes (e.g. a longer max_steps)
 
 
@@ -116,7 +130,10 @@ class Trainer:
         t = cfg.train
         self.rank, self.world, self.device = init_distributed(t.device)
         if t.batch_size % (self.world * t.grad_accum):
-            raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by world size {self.world} x train.grad_accum {t.grad_accum}")
+            raise ConfigError(
+                f"train.batch_size {t.batch_size} is not divisible by world size {self.world} x train.grad_accum "
+                f"{t.grad_accum}"
+            )
         if t.threads:
             torch.set_num_threads(t.threads)
         self.main = self.rank == 0
@@ -132,15 +149,21 @@ class Trainer:
         # Seeded separately so that every method with this seed starts from the same network.
         torch.manual_seed(t.seed)
         self.model = build_model(
-            cfg.model.arch, self.data.resolution, self.data.channels, num_classes,
-            mlp_ratio=cfg.model.mlp_ratio, qk_norm=cfg.model.qk_norm,
+            cfg.model.arch,
+            self.data.resolution,
+            self.data.channels,
+            num_classes,
+            mlp_ratio=cfg.model.mlp_ratio,
+            qk_norm=cfg.model.qk_norm,
         ).to(self.device)
         torch.manual_seed(t.seed + 1)
         self.objective = build_objective(cfg, self.model, self.data).to(self.device)
         self.ema = make_ema(self.model)
         self.params = [p for p in chain(self.model.parameters(), self.objective.parameters()) if p.requires_grad]
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+        )
         self.step, self.skipped, self.consecutive_bad = 0, 0, 0
         self._restore()
         self.train_step = TrainStep(self.model, self.objective)
@@ -149,7 +172,9 @@ class Trainer:
                 self.train_step, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        self.autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        )
         self.logger = RunLogger(self.run_dir, enabled=self.main, tensorboard=t.tensorboard)
         self.warned = self.logger.warned()
         self.evaluator = TrainingEvaluator(cfg, self.run_dir) if self.main else None
@@ -161,7 +186,11 @@ class Trainer:
         if ckpt is None:
             return
         if ckpt.meta.get("data_fingerprint") != self.data.fingerprint:
-            raise ConfigError(f"the training data changed since {ckpt.path} was written (fingerprint {ckpt.meta.get('data_fingerprint')} -> {self.data.fingerprint}): resuming would not repeat the same steps; use a new --out")
+            raise ConfigError(
+                f"the training data changed since {ckpt.path} was written (fingerprint "
+                f"{ckpt.meta.get('data_fingerprint')} -> {self.data.fingerprint}): resuming would not repeat the "
+                "same steps; use a new --out"
+            )
         self.model.load_state_dict(ckpt.tensors["model"])
         self.ema.load_state_dict(ckpt.tensors["ema"])
         self.objective.load_state_dict(ckpt.tensors["objective"])
@@ -182,7 +211,16 @@ class Trainer:
                 "data_fingerprint": self.data.fingerprint,
                 "saved_at": time.time(),
             }
-            save_checkpoint(self.run_dir, self.step, self.model, self.ema, self.objective, self.optimizer, meta, self.cfg.train.keep_last)
+            save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model,
+                self.ema,
+                self.objective,
+                self.optimizer,
+                meta,
+                self.cfg.train.keep_last,
+            )
         barrier()
 
     # ------------------------------------------------------------ one step
@@ -247,7 +285,11 @@ class Trainer:
             x = generate(self.ema, self.cfg, labels, noise, gen)
         if d.is_latent:
             return None  # latents need a decoder to become pictures
-        return save_grid(to_uint8(x), self.run_dir / "samples" / f"step_{self.step:08d}.png", nrow=d.num_classes if self.conditional and t.sample_grid % d.num_classes == 0 else None)
+        return save_grid(
+            to_uint8(x),
+            self.run_dir / "samples" / f"step_{self.step:08d}.png",
+            nrow=d.num_classes if self.conditional and t.sample_grid % d.num_classes == 0 else None,
+        )
 
     # ------------------------------------------------------------ evaluation
 
@@ -273,7 +315,13 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         t = self.cfg.train
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (self.main and t.progress), dynamic_ncols=True, desc="train")
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            disable=not (self.main and t.progress),
+            dynamic_ncols=True,
+            desc="train",
+        )
         window: dict[str, float] = {}
         window_steps, window_start = 0, time.perf_counter()
         last = {"loss": float("nan")}
@@ -286,7 +334,8 @@ class Trainer:
                 where = good.path if good else "none (no checkpoint was written yet)"
                 raise TrainingDiverged(
                     f"training stopped at step {self.step}: {self.consecutive_bad} consecutive steps with a non-finite "
-                    f"loss or gradient (loss={last['loss']}, grad_norm={last['grad_norm']}); last good checkpoint: {where}"
+                    f"loss or gradient (loss={last['loss']}, grad_norm={last['grad_norm']}); last good checkpoint: "
+                    f"{where}"
                 )
             for k, v in last.items():
                 window[k] = window.get(k, 0.0) + v

@@ -28,7 +28,18 @@ def generate(model, cfg, labels, noise: torch.Tensor, generator: torch.Generator
 
 
 __all__ = [
-    "CosineInterpolant", "DDPMNoising", "FlowNoising", "GuidedPrediction", "Interpolant", "LinearInterpolant",
-    "Noising", "build_interpolant", "build_noising", "family_of", "generate", "sample_flow", "sample_timesteps",
+    "CosineInterpolant",
+    "DDPMNoising",
+    "FlowNoising",
+    "GuidedPrediction",
+    "Interpolant",
+    "LinearInterpolant",
+    "Noising",
+    "build_interpolant",
+    "build_noising",
+    "family_of",
+    "generate",
+    "sample_flow",
+    "sample_timesteps",
     "time_grid",
 ]

@@ -89,8 +89,7 @@ def mean_flat(x: Tensor) -> Tensor:
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
     """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats."""
-    return 0.5 * (logvar2 - logvar1 - 1.0 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (logvar2 - logvar1 - 1.0 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
@@ -139,12 +138,16 @@ class GaussianDiffusion:
         self.num_timesteps = T
         if timestep_map is None:
             timestep_map = torch.arange(T)
-        self.timestep_map = torch.as_tensor(list(timestep_map) if not isinstance(
-            timestep_map, Tensor) else timestep_map, dtype=torch.long).cpu().flatten()
+        self.timestep_map = (
+            torch.as_tensor(
+                list(timestep_map) if not isinstance(timestep_map, Tensor) else timestep_map, dtype=torch.long
+            )
+            .cpu()
+            .flatten()
+        )
         if self.timestep_map.numel() != T:
             raise ValueError(f"timestep_map has {self.timestep_map.numel()} entries for {T} betas")
-        self.original_num_steps = (int(self.timestep_map.max()) + 1 if original_num_steps is None
-                                   else original_num_steps)
+        self.original_num_steps = int(self.timestep_map.max()) + 1 if original_num_steps is None else original_num_steps
         self.rescale_vb = rescale_vb
 
         one = torch.ones(1, dtype=torch.float64)
@@ -222,30 +225,34 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn_like(x0)
         t = self._index(t_index, x0)
-        return (self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
-                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+        return (
+            self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
+            + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
 
     def q_posterior_mean_variance(
         self, x0: Tensor, x_t: Tensor, t_index: Tensor | int
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
         t = self._index(t_index, x_t)
-        mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x0
-                + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
+        mean = (
+            self._extract(self.posterior_mean_coef1, t, x_t) * x0
+            + self._extract(self.posterior_mean_coef2, t, x_t) * x_t
+        )
         var = self._extract(self.posterior_variance, t, x_t)
         log_var = self._extract(self.posterior_log_variance_clipped, t, x_t)
         return mean, var, log_var
 
     def predict_xstart_from_eps(self, x_t: Tensor, t_index: Tensor | int, eps: Tensor) -> Tensor:
         t = self._index(t_index, x_t)
-        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-                - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+        return (
+            self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        )
 
     # ---- reverse process -------------------------------------------------------------------
 
-    def _p_from_output(
-        self, out: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool
-    ) -> dict[str, Tensor]:
+    def _p_from_output(self, out: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool) -> dict[str, Tensor]:
         C = x_t.shape[1]
         if out.shape != (x_t.shape[0], 2 * C, *x_t.shape[2:]):
             raise ValueError(f"model output {tuple(out.shape)} is not [B, 2C, ...] for x {tuple(x_t.shape)}")
@@ -258,8 +265,13 @@ class GaussianDiffusion:
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
-        return {"mean": mean, "variance": torch.exp(log_var), "log_variance": log_var,
-                "pred_xstart": pred_x0, "eps": eps}
+        return {
+            "mean": mean,
+            "variance": torch.exp(log_var),
+            "log_variance": log_var,
+            "pred_xstart": pred_x0,
+            "eps": eps,
+        }
 
     def p_mean_variance(
         self, model_fn: ModelFn, x_t: Tensor, t_index: Tensor | int, clip_denoised: bool = False

@@ -113,8 +113,13 @@ def build_interpolant(name: str) -> Interpolant:
 
 
 def sample_timesteps(
-    n: int, generator: torch.Generator, kind: str = "uniform", t_min: float = 0.0, t_max: float = 1.0,
-    mean: float = 0.0, std: float = 1.0,
+    n: int,
+    generator: torch.Generator,
+    kind: str = "uniform",
+    t_min: float = 0.0,
+    t_max: float = 1.0,
+    mean: float = 0.0,
+    std: float = 1.0,
 ) -> torch.Tensor:
     """Training times in [t_min, t_max]: uniform, or logit-normal (sigmoid of N(mean, std))."""
     if kind == "uniform":

@@ -86,10 +86,25 @@ class FlowNoising(Noising):
 
     def generate(self, model, options, labels, noise, generator):
         tr = self.transport
-        guided = GuidedPrediction(model, labels, self.interpolant, tr.prediction, options["cfg_scale"],
-                                  tuple(options["cfg_interval"]), tr.time_scale)
-        return sample_flow(guided, noise, options["method"], options["steps"], options["t_start"], options["t_end"],
-                           generator, options["diffusion_scale"])
+        guided = GuidedPrediction(
+            model,
+            labels,
+            self.interpolant,
+            tr.prediction,
+            options["cfg_scale"],
+            tuple(options["cfg_interval"]),
+            tr.time_scale,
+        )
+        return sample_flow(
+            guided,
+            noise,
+            options["method"],
+            options["steps"],
+            options["t_start"],
+            options["t_end"],
+            generator,
+            options["diffusion_scale"],
+        )
 
 
 class DDPMNoising(Noising):
@@ -120,11 +135,18 @@ class DDPMNoising(Noising):
 
     def generate(self, model, options, labels, noise, generator):
         diffusion = create_ddpm(respacing=options["steps"], num_steps=self.num_steps)
-        guided = GuidedPrediction(model, labels, None, cfg_scale=options["cfg_scale"],
-                                  interval=tuple(options["cfg_interval"]), time_scale=float(self.num_steps))
+        guided = GuidedPrediction(
+            model,
+            labels,
+            None,
+            cfg_scale=options["cfg_scale"],
+            interval=tuple(options["cfg_interval"]),
+            time_scale=float(self.num_steps),
+        )
         # GuidedPrediction takes interpolant-style t in [0, 1]; DDPM hands original indices.
-        return diffusion.p_sample_loop(lambda x, t: guided.raw(x, t / self.num_steps), noise.shape, noise=noise,
-                                       generator=generator)
+        return diffusion.p_sample_loop(
+            lambda x, t: guided.raw(x, t / self.num_steps), noise.shape, noise=noise, generator=generator
+        )
 
 
 def build_noising(cfg) -> Noising:

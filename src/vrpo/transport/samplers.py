@@ -6,7 +6,7 @@ Time runs from t = 1 (noise) to t = 0 (data). Every random draw comes from an ex
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -7,6 +7,14 @@ from vrpo.objectives.vrpo.rewards import Reward, frechet_reward_terms
 from vrpo.objectives.vrpo.statistics import psd_sqrt
 
 __all__ = [
-    "REWARDS", "VRPO", "Reward", "VRPOOptions", "frechet_reward_terms", "gradient_shares", "layer_plan",
-    "micro_batch", "plot_vrpo", "psd_sqrt",
+    "REWARDS",
+    "VRPO",
+    "Reward",
+    "VRPOOptions",
+    "frechet_reward_terms",
+    "gradient_shares",
+    "layer_plan",
+    "micro_batch",
+    "plot_vrpo",
+    "psd_sqrt",
 ]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from vrpo.objectives.vrpo.options import REWARDS
-from vrpo.runs.logs import read_log
+from vrpo.utils.jsonl import read_log
 
 
 def gradient_shares(block: torch.nn.Module, denoise: torch.Tensor, reward_terms: torch.Tensor) -> torch.Tensor:
@@ -25,7 +25,9 @@ def gradient_shares(block: torch.nn.Module, denoise: torch.Tensor, reward_terms:
     parts = [grad(term) for term in reward_terms]
     norms = torch.stack([grad(denoise).norm(), torch.stack(parts).sum(0).norm()])
     reward_norms = torch.stack([v.norm() for v in parts])
-    return torch.cat([norms / norms.sum().clamp_min(1e-30), reward_norms / reward_norms.sum().clamp_min(1e-30)]).detach()
+    return torch.cat(
+        [norms / norms.sum().clamp_min(1e-30), reward_norms / reward_norms.sum().clamp_min(1e-30)]
+    ).detach()
 
 
 def dominant_weight(record: dict[str, float], rewards: list[str]) -> str | None:
@@ -35,9 +37,12 @@ def dominant_weight(record: dict[str, float], rewards: list[str]) -> str | None:
         return None
     top = max(weights, key=weights.get)
     variances = ", ".join(f"{k} {record.get(f'r_{k}_var', float('nan')):.1e}" for k in weights)
-    return (f"VRPO: the inverse-variance weights give the {top} reward {weights[top]:.1%} of the total (reward variances: "
-            f"{variances}), so the other rewards no longer train the projector; with stability on top this collapsed the "
-            "projector on the embedded benchmark (docs/results.md). Options: objective.weighting=fixed, objective.variance_eps=1e-3")
+    return (
+        f"VRPO: the inverse-variance weights give the {top} reward {weights[top]:.1%} of the total (reward variances: "
+        f"{variances}), so the other rewards no longer train the projector; with stability on top this collapsed the "
+        "projector on the embedded benchmark (docs/results.md). Options: objective.weighting=fixed, "
+        "objective.variance_eps=1e-3"
+    )
 
 
 def plot_vrpo(run_dir: str | Path) -> Path | None:

@@ -43,8 +43,10 @@ class VRPO(RewardStatistics, AlignmentObjective):
         self.layers, self.cut = layer_plan(o.layers, model.depth, depth)
         self.layer_notice = None
         if o.layers == "early" and self.layers == [depth]:  # shallow models: early is the default block
-            self.layer_notice = (f"VRPO: objective.layers=early resolves to block {depth} at depth {model.depth}, "
-                                 "the block that objective.layers=block uses: this run repeats the default placement")
+            self.layer_notice = (
+                f"VRPO: objective.layers=early resolves to block {depth} at depth {model.depth}, "
+                "the block that objective.layers=block uses: this run repeats the default placement"
+            )
         self.grad_block = max(self.layers)  # where gradient shares are measured
         # mid: the reward branch is a second pass cut at block `cut` (the main pass keeps its graph)
         self.second_pass = o.pathwise and self.cut > 0
@@ -53,8 +55,10 @@ class VRPO(RewardStatistics, AlignmentObjective):
             rows = micro_batch(cfg) * (o.group_size if o.group_batch == "images" else 1)
             for e in encoders:
                 if rows <= e.token_dim:
-                    raise ConfigError(f"objective.fidelity=full needs more rows per rank ({rows}) than {e.name}'s "
-                                      f"feature dimension {e.token_dim}: use fidelity=diagonal or a larger batch")
+                    raise ConfigError(
+                        f"objective.fidelity=full needs more rows per rank ({rows}) than {e.name}'s "
+                        f"feature dimension {e.token_dim}: use fidelity=diagonal or a larger batch"
+                    )
         # per_block: block 1 keeps the alignment projectors, the others get their own
         self.block_projectors = None
         if o.layer_projectors == "per_block":
@@ -64,7 +68,9 @@ class VRPO(RewardStatistics, AlignmentObjective):
             )
         self.global_heads = None
         if "semantic" in self.rewards and o.semantic != "patch":
-            self.global_heads = nn.ModuleList(nn.Linear(model.hidden_size, e.global_dim + e.token_dim) for e in encoders)
+            self.global_heads = nn.ModuleList(
+                nn.Linear(model.hidden_size, e.global_dim + e.token_dim) for e in encoders
+            )
             for head in self.global_heads:  # the paper's appendix: initialised to identity
                 nn.init.eye_(head.weight)
                 nn.init.zeros_(head.bias)
@@ -109,10 +115,17 @@ class VRPO(RewardStatistics, AlignmentObjective):
             if o.grad_share_every and self.counts()["steps"] % o.grad_share_every == 0:
                 shares = gradient_shares(model.blocks[self.grad_block - 1], denoise, reward_terms)
                 self.grad_share.copy_(shares)
-        logs = {**step.logs(), "loss_denoise": denoise.detach(), "loss_align": align.detach(), "lambda_s": lam,
-                "loss_denoise_unweighted": step.per_sample_loss.mean().detach(),  # comparable with SiT's and REPA's
-                "R_mean": total.mean().float(), "R_var": v_R.float(), **self.policy_logs(advantage, a),
-                **self.reward_logs(batch_values, w)}
+        logs = {
+            **step.logs(),
+            "loss_denoise": denoise.detach(),
+            "loss_align": align.detach(),
+            "lambda_s": lam,
+            "loss_denoise_unweighted": step.per_sample_loss.mean().detach(),  # comparable with SiT's and REPA's
+            "R_mean": total.mean().float(),
+            "R_var": v_R.float(),
+            **self.policy_logs(advantage, a),
+            **self.reward_logs(batch_values, w),
+        }
         return denoise, align, logs
 
     def reward_components(self, model, batch: Batch, images: Batch, step: DenoisingStep):
@@ -126,8 +139,10 @@ class VRPO(RewardStatistics, AlignmentObjective):
         reference = self.reference(real) if real else []
         hidden = self.reward_hidden(model, step)
         after = self.stability_targets(model, batch, step) if "stability" in self.rewards else {}
-        per_layer = [self.layer_rewards(p, hidden[i], after.get(i), targets, globals_, reference)
-                     for p, i in enumerate(self.layers)]
+        per_layer = [
+            self.layer_rewards(p, hidden[i], after.get(i), targets, globals_, reference)
+            for p, i in enumerate(self.layers)
+        ]
         rewards = {k: Reward(*(torch.stack(v).mean(0) for v in zip(*(r[k] for r in per_layer)))) for k in self.rewards}
         if self.lpips is not None:
             extra = perceptual_reward(self.lpips, batch.x, step.x_t, step.t, step.prediction)
@@ -156,8 +171,14 @@ class VRPO(RewardStatistics, AlignmentObjective):
         return out
 
     def policy_logs(self, advantage: torch.Tensor, a: torch.Tensor) -> dict:
-        return {"adv_mean": advantage.mean(), "adv_std": advantage.std(unbiased=False), "adv_min": advantage.min(),
-                "adv_max": advantage.max(), "pw_min": a.min().detach(), "pw_max": a.max().detach()}
+        return {
+            "adv_mean": advantage.mean(),
+            "adv_std": advantage.std(unbiased=False),
+            "adv_min": advantage.min(),
+            "adv_max": advantage.max(),
+            "pw_min": a.min().detach(),
+            "pw_max": a.max().detach(),
+        }
 
     def reward_logs(self, batch_values: torch.Tensor, w: torch.Tensor) -> dict:
         logs, stats = {}, self.reward_stats()
@@ -178,7 +199,9 @@ class VRPO(RewardStatistics, AlignmentObjective):
             return batch, batch
 
         def rows(b: Batch, fn) -> Batch:
-            return Batch(**{f.name: None if getattr(b, f.name) is None else fn(getattr(b, f.name)) for f in fields(Batch)})
+            return Batch(
+                **{f.name: None if getattr(b, f.name) is None else fn(getattr(b, f.name)) for f in fields(Batch)}
+            )
 
         n = batch.x.shape[0]
         if self.options.group_batch == "draws":
@@ -193,8 +216,14 @@ class VRPO(RewardStatistics, AlignmentObjective):
 
     def reward_hidden(self, model, step: DenoisingStep) -> dict[int, torch.Tensor]:
         if self.second_pass:  # mid: blocks cut+1..d only, on the same inputs
-            out = model(step.x_t, step.model_t, step.labels, hidden_layers=self.layers, stop_after=max(self.layers),
-                        detach_after=self.cut)
+            out = model(
+                step.x_t,
+                step.model_t,
+                step.labels,
+                hidden_layers=self.layers,
+                stop_after=max(self.layers),
+                detach_after=self.cut,
+            )
             return out.hidden
         if self.options.pathwise:
             return step.hidden

@@ -50,7 +50,9 @@ class VRPOOptions(AlignmentOptions):
     weight_semantic: float = 0.5
     weight_fidelity: float = 0.3
     weight_stability: float = 0.2
-    total_stats: str = "components"  # m_R, v_R from EMA moments of the components under today's weights, or of R directly
+    total_stats: str = (
+        "components"  # m_R, v_R from EMA moments of the components under today's weights, or of R directly
+    )
     variance_eps: float = 1e-8  # floor of every variance that divides (raise it to bound 1 / sqrt(v_R))
     normalize: bool = True  # (R - m_R) / sqrt(v_R); off: raw R
     adaptive_lambda: bool = True  # lambda_s = clip(lambda_0 (v_R / v_R_ref)^kappa); off: lambda_0
@@ -77,42 +79,80 @@ class VRPOOptions(AlignmentOptions):
                 raise ConfigError(f"objective.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         unknown = [r for r in self.rewards if r not in REWARDS]
         if unknown or not self.rewards or len(set(self.rewards)) != len(self.rewards):
-            raise ConfigError(f"objective.rewards must list distinct names out of {', '.join(REWARDS)}, got {self.rewards!r}")
+            raise ConfigError(
+                f"objective.rewards must list distinct names out of {', '.join(REWARDS)}, got {self.rewards!r}"
+            )
 
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ConfigError(message)
 
         need(0.0 < self.delta < 1.0, f"objective.delta must be in (0, 1), got {self.delta}")
-        need(0.0 < self.stability_fraction <= 1.0, f"objective.stability_fraction must be in (0, 1], got {self.stability_fraction}")
-        need(self.fidelity_floor < 0.0, f"objective.fidelity_floor must be negative (a lower bound of -FD/D), got {self.fidelity_floor}")
+        need(
+            0.0 < self.stability_fraction <= 1.0,
+            f"objective.stability_fraction must be in (0, 1], got {self.stability_fraction}",
+        )
+        need(
+            self.fidelity_floor < 0.0,
+            f"objective.fidelity_floor must be negative (a lower bound of -FD/D), got {self.fidelity_floor}",
+        )
         for key in ("stats_decay", "real_stats_decay"):
             need(0.0 <= getattr(self, key) < 1.0, f"objective.{key} must be in [0, 1), got {getattr(self, key)}")
         need(self.warmup_steps >= 0, "objective.warmup_steps must be >= 0")
         need(self.grad_share_every >= 0, "objective.grad_share_every must be >= 0 (0: off)")
         need(self.variance_eps > 0.0, "objective.variance_eps must be > 0")
         weights = [getattr(self, f"weight_{r}") for r in self.rewards]
-        need(min(weights) >= 0.0 and sum(weights) > 0.0, f"objective.weight_* of the enabled rewards must be >= 0 with a positive sum, got {weights}")
-        need(0.0 < self.lambda_min <= self.lambda_max, f"objective needs 0 < lambda_min <= lambda_max, got {self.lambda_min}, {self.lambda_max}")
+        need(
+            min(weights) >= 0.0 and sum(weights) > 0.0,
+            f"objective.weight_* of the enabled rewards must be >= 0 with a positive sum, got {weights}",
+        )
+        need(
+            0.0 < self.lambda_min <= self.lambda_max,
+            f"objective needs 0 < lambda_min <= lambda_max, got {self.lambda_min}, {self.lambda_max}",
+        )
         need(self.lambda_0 >= 0.0 and self.kappa >= 0.0, "objective.lambda_0 and objective.kappa must be >= 0")
-        need(self.adv_clip > 0.0 and self.adv_temperature > 0.0, "objective.adv_clip and objective.adv_temperature must be > 0")
-        need(self.pathwise or self.policy, "objective.pathwise and objective.policy are both off: the rewards would not train the network (use objective.name=sit)")
+        need(
+            self.adv_clip > 0.0 and self.adv_temperature > 0.0,
+            "objective.adv_clip and objective.adv_temperature must be > 0",
+        )
+        need(
+            self.pathwise or self.policy,
+            "objective.pathwise and objective.policy are both off: the rewards would not train the network (use "
+            "objective.name=sit)",
+        )
         need(self.group_size >= 1, "objective.group_size must be >= 1")
         if self.group_size > 1:
             need(self.policy, "objective.group_size > 1 only changes the policy path: set objective.policy=true")
             rows = micro_batch(cfg)
-            need(self.group_batch == "images" or rows % self.group_size == 0,
-                 f"objective.group_size {self.group_size} does not divide the per-rank micro-batch of {rows} (group_batch=draws)")
-        need(self.layers == "block" or self.encoder_depth == 0,
-             f"objective.encoder_depth is set by objective.layers={self.layers}: leave it 0")
-        need(self.layer_projectors == "shared" or self.layers == "all", "objective.layer_projectors=per_block needs objective.layers=all")
+            need(
+                self.group_batch == "images" or rows % self.group_size == 0,
+                f"objective.group_size {self.group_size} does not divide the per-rank micro-batch of {rows} "
+                "(group_batch=draws)",
+            )
+        need(
+            self.layers == "block" or self.encoder_depth == 0,
+            f"objective.encoder_depth is set by objective.layers={self.layers}: leave it 0",
+        )
+        need(
+            self.layer_projectors == "shared" or self.layers == "all",
+            "objective.layer_projectors=per_block needs objective.layers=all",
+        )
         if self.perceptual == "lpips":
-            need("fidelity" in self.rewards, "objective.perceptual=lpips is part of the fidelity reward: add fidelity to objective.rewards")
-            need(cfg.data.name != "tensors", "objective.perceptual=lpips compares pixels: it is not available for latent data (data.name=tensors)")
-            need(family_of(cfg.model.arch) == "flow" and cfg.transport.interpolant == "linear"
-                 and cfg.transport.prediction == "velocity",
-                 "objective.perceptual=lpips needs x0_hat = x_t - t v: a SiT-* model, transport.interpolant=linear "
-                 "and transport.prediction=velocity")
+            need(
+                "fidelity" in self.rewards,
+                "objective.perceptual=lpips is part of the fidelity reward: add fidelity to objective.rewards",
+            )
+            need(
+                cfg.data.name != "tensors",
+                "objective.perceptual=lpips compares pixels: it is not available for latent data (data.name=tensors)",
+            )
+            need(
+                family_of(cfg.model.arch) == "flow"
+                and cfg.transport.interpolant == "linear"
+                and cfg.transport.prediction == "velocity",
+                "objective.perceptual=lpips needs x0_hat = x_t - t v: a SiT-* model, transport.interpolant=linear "
+                "and transport.prediction=velocity",
+            )
 
 
 def micro_batch(cfg) -> int:

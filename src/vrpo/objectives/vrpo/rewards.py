@@ -21,7 +21,9 @@ class Reward(NamedTuple):
     batch: torch.Tensor  # scalar the pathwise loss differentiates (and whose variance weights it)
 
 
-def frechet_reward_terms(g: torch.Tensor, mean: torch.Tensor, second: torch.Tensor, root: torch.Tensor | None) -> torch.Tensor:
+def frechet_reward_terms(
+    g: torch.Tensor, mean: torch.Tensor, second: torch.Tensor, root: torch.Tensor | None
+) -> torch.Tensor:
     """Frechet distance of the rows of g [B, D] to N(mean, second): ``second`` is the
     per-dimension variance (diagonal; root None) or the covariance with its square root."""
     g = g.double()
@@ -47,7 +49,8 @@ def load_lpips():
     except Exception as err:  # ImportError, or a weights download refused offline
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise RuntimeError(
-            f"objective.perceptual=lpips needs the lpips package and its pretrained AlexNet weights, which could not be loaded ({reason}); "
+            "objective.perceptual=lpips needs the lpips package and its pretrained AlexNet weights, which could "
+            f"not be loaded ({reason}); "
             "install them where the weights can be fetched, or set objective.perceptual=off"
         ) from None
     return net.eval().requires_grad_(False)
@@ -80,7 +83,9 @@ def fidelity_reward(projected: list[torch.Tensor], reference: list[tuple], optio
 
 
 @torch.no_grad()
-def perceptual_reward(lpips, x: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+def perceptual_reward(
+    lpips, x: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor
+) -> torch.Tensor:
     """-LPIPS(x0_hat, x) per sample, x0_hat = x_t - t v_theta; no gradient (advantage only)."""
     t = t.view(-1, *([1] * (x.dim() - 1)))
     x0 = (x_t - t * velocity).clamp(-1, 1).float()

@@ -51,7 +51,11 @@ class RewardStatistics:
         """The counters as Python values, read from the buffers once and then kept in step, so
         that the loss never waits for the device to decide a branch."""
         if self._counts is None:
-            self._counts = {"updates": int(self.updates), "steps": int(self.steps_done), "ref_set": float(self.v_R_ref) > 0}
+            self._counts = {
+                "updates": int(self.updates),
+                "steps": int(self.steps_done),
+                "ref_set": float(self.v_R_ref) > 0,
+            }
         return self._counts
 
     def _corrected(self, buffer: torch.Tensor, decay: float) -> torch.Tensor:
@@ -118,12 +122,18 @@ class RewardStatistics:
         self._reference = (n, out)
         return out
 
-    def record(self, components: torch.Tensor, samples: torch.Tensor, total: torch.Tensor, real: list[torch.Tensor]) -> None:
+    def record(
+        self, components: torch.Tensor, samples: torch.Tensor, total: torch.Tensor, real: list[torch.Tensor]
+    ) -> None:
         """Keep one micro-batch's statistics (batch values [K], per-sample components [K, B],
         R_i [B], real features) until ``end_of_step`` commits the step."""
         samples = samples.detach().double()
-        parts = [components.detach().double(), samples.mean(1), samples @ samples.T / samples.shape[1],
-                 torch.stack([total.mean(), total.pow(2).mean()]).detach().double()]
+        parts = [
+            components.detach().double(),
+            samples.mean(1),
+            samples @ samples.T / samples.shape[1],
+            torch.stack([total.mean(), total.pow(2).mean()]).detach().double(),
+        ]
         for f in real:
             f = f.detach().double()
             parts += [f.mean(0), (f.T @ f / f.shape[0] if self.options.fidelity == "full" else f.pow(2).mean(0))]
@@ -150,7 +160,7 @@ class RewardStatistics:
             buf = getattr(self, name)
             decay = o.real_stats_decay if name.startswith("real") else o.stats_decay
             buf.mul_(decay).add_((1 - decay) * stats[: buf.numel()].view_as(buf))
-            stats = stats[buf.numel():]
+            stats = stats[buf.numel() :]
         if not counts["ref_set"] and step + 1 >= o.warmup_steps:
             # under the weights that apply from the next step on, so lambda_s starts at lambda_0
             self.v_R_ref.copy_(self.total_stats(self.weights())[1])

@@ -1,4 +1,4 @@
-"""JSON-lines files of a run folder (log, metrics, warnings, timing): one writer, one tolerant reader."""
+"""JSON-lines files (run logs, metrics, warnings, timing): one writer, one reader that skips a cut line."""
 
 from __future__ import annotations
 
