@@ -97,6 +97,8 @@ def test_declares_what_callers_use(name, family):
     assert objective.family == objective.noising.family == family
     assert all(1 <= i <= model.depth for i in objective.hidden_layers())
     encoders = cfg.objective.build_encoders(cfg.data.resolution)
+    assert [e.name for e in encoders] == [e.name for e in (objective.alignment.encoders if objective.alignment else [])]
+    assert len(cfg.objective.encoder_names()) == len(encoders)
     if objective.alignment is None:
         assert encoders == [] and cfg.objective.cache_root() is None
     else:

@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from vrpo.transport import CosineInterpolant, LinearInterpolant, sample_timesteps
+from vrpo.config import ConfigError, load_config
+from vrpo.models import build_model
+from vrpo.transport import CosineInterpolant, LinearInterpolant, generate, sample_timesteps
 from vrpo.transport.samplers import GuidedPrediction, euler_maruyama_sde, euler_ode, heun_ode, sample_flow, time_grid
 
 
@@ -108,3 +110,11 @@ def test_sde_is_deterministic_for_a_seed_and_ends_with_a_mean_step():
         v, interp.score, interp.sigma, torch.zeros(4, 2), time_grid(1), torch.Generator().manual_seed(0)
     )
     assert torch.count_nonzero(one) == 0
+
+
+def test_a_sampler_of_another_family_is_refused():
+    cfg = load_config(None, ["model.arch=DiT-T/8", "objective.name=ddpm", "sampler.method=ddpm"])
+    model = build_model(cfg.model.arch, 32, 1, 10)
+    noise = torch.randn(2, 1, 32, 32)
+    with pytest.raises(ConfigError, match="does not sample the ddpm family"):
+        generate(model, cfg, None, noise, torch.Generator(), method="euler")

@@ -20,6 +20,7 @@ from vrpo.runs import CheckpointError, append_record, newest_checkpoint_step
 from vrpo.sample import sample_run
 from vrpo.study import load_study, run_study, write_report
 from vrpo.train import TrainingDiverged, train
+from vrpo.transport.noising import SAMPLERS
 from vrpo.utils.dist import is_main
 
 
@@ -55,8 +56,7 @@ def _sample(args) -> int:
 def _cache_features(args) -> int:
     cfg = load_config(args.config, args.set)
     options = cfg.objective
-    encoders = options.build_encoders(cfg.data.resolution)
-    if not encoders:
+    if not options.encoder_names():
         raise ConfigError(
             f"objective '{options.name}' uses no encoder: cache-features needs an alignment method (repa, vrpo)"
         )
@@ -65,7 +65,7 @@ def _cache_features(args) -> int:
             "objective.feature_cache is not set: name the folder for the cache (--set objective.feature_cache=DIR)"
         )
     build_feature_caches(
-        encoders,
+        options.build_encoders(cfg.data.resolution),
         options.cache_root(),
         lambda: load_dataset(cfg.data),
         log=print,
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=64)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's config)")
-    p.add_argument("--sampler", default=None, choices=["euler", "heun", "sde", "ddpm"])
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS))
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)

@@ -21,7 +21,7 @@ import yaml
 from vrpo.errors import ConfigError
 from vrpo.models import parse_arch
 from vrpo.objectives import objective_options
-from vrpo.transport.noising import FAMILY_SAMPLERS, family_of
+from vrpo.transport.noising import FAMILY_SAMPLERS, SAMPLERS, family_of
 
 
 @dataclass
@@ -351,8 +351,8 @@ def validate(cfg: Config) -> None:
     need(0.0 <= tr.t_min < tr.t_max <= 1.0, "transport.t_min < transport.t_max must lie in [0, 1]")
     s = cfg.sampler
     need(
-        s.method in ("euler", "heun", "sde", "ddpm"),
-        f"sampler.method must be euler, heun, sde or ddpm, got {s.method!r}",
+        s.method in SAMPLERS,
+        f"sampler.method must be one of {', '.join(SAMPLERS)}, got {s.method!r}",
     )
     need(
         len(s.cfg_interval) == 2 and s.cfg_interval[0] <= s.cfg_interval[1],
@@ -367,13 +367,17 @@ def validate(cfg: Config) -> None:
             s.t_start < 1.0,
             f"transport.prediction={tr.prediction} is undefined at t=1: set sampler.t_start below 1 (e.g. 0.999)",
         )
-    need(cfg.diffusion.schedule == "linear", f"diffusion.schedule {cfg.diffusion.schedule!r} is not available (linear)")
     family, options = family_of(cfg.model.arch), cfg.objective
     need(
         family in options.families,
         f"objective '{options.name}' does not train the {family} family of model.arch "
         f"{cfg.model.arch}: it trains {' and '.join(options.families)} (SiT-* models are flow, DiT-* models ddpm)",
     )
+    if family == "ddpm":
+        need(
+            cfg.diffusion.schedule == "linear",
+            f"diffusion.schedule {cfg.diffusion.schedule!r} is not available (linear)",
+        )
     samplers = FAMILY_SAMPLERS[family]
     need(
         s.method in samplers,

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from vrpo.data import keyed_generator
 from vrpo.runs import load_run_model
 from vrpo.transport import generate
+from vrpo.utils.files import replacing
 from vrpo.utils.images import save_grid, to_uint8
 
 
@@ -73,9 +74,8 @@ def sample_run(
         if part.exists():
             continue
         images, labels = sample_batch(model, cfg, start, min(batch_size, num - start), seed, **sampler_overrides)
-        tmp = part.with_suffix(".tmp.npz")
-        np.savez(tmp, images=images.numpy(), labels=labels.numpy())
-        tmp.rename(part)
+        with replacing(part) as tmp, open(tmp, "wb") as f:
+            np.savez(f, images=images.numpy(), labels=labels.numpy())
     images, labels = [], []
     for start in batches:
         with np.load(parts / f"{start:08d}.npz") as f:

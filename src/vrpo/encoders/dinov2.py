@@ -1,9 +1,6 @@
-"""DINOv2 ViT encoders (with and without registers), written here from scratch.
-
-Parameter names follow the official torch.hub checkpoints
-(``dinov2_vitb14_pretrain.pth`` and friends), so those files load strictly.
-Transformers ``Dinov2Model`` / ``Dinov2WithRegistersModel`` directories are
-mapped onto the same names.
+"""DINOv2 encoders (with and without registers): the ViT of ``dinov2_vit`` with weights read by
+``dinov2_weights`` (torch.hub checkpoints, or transformers directories mapped onto their names),
+behind the ``FrozenEncoder`` interface.
 
 Preprocessing (as REPA): uint8 -> /255 -> bilinear (antialiased) resize to
 224 * resolution / 256 (rounded to a multiple of 14; 224 for the default

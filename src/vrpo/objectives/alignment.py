@@ -58,6 +58,9 @@ class AlignmentOptions(ObjectiveOptions):
         if cfg.data.name == "tensors" and not self.feature_cache:
             raise ConfigError("latent data (data.name=tensors) has no pixels to encode: set objective.feature_cache")
 
+    def encoder_names(self) -> list[str]:
+        return list(self.encoders)
+
     def build_encoders(self, resolution: int) -> list:
         return build_alignment_encoders(self, resolution)
 

@@ -5,7 +5,7 @@ An objective is an ``nn.Module``: its trainable heads (projectors) and running s
 and synchronised with the network. What a caller may ask of it:
 
 - ``Options``: its config section (a dataclass). ``families`` lists the model families it
-  trains (``flow`` for SiT-*, ``ddpm`` for DiT-*); ``build_encoders`` the frozen encoders it reads
+  trains (``flow`` for SiT-*, ``ddpm`` for DiT-*); ``encoder_names`` / ``build_encoders`` the frozen encoders it reads
   and ``cache_root`` where their feature cache lives; ``without_feature_cache`` the same
   options encoding on the fly (held-out images are not in a training cache).
 - ``noising`` (and ``family``): the forward process it trains on, from the config's model
@@ -38,8 +38,12 @@ class ObjectiveOptions:
     def validate(self, cfg) -> None:
         """Refuse combinations with the rest of the config that cannot work (ConfigError)."""
 
+    def encoder_names(self) -> list[str]:
+        """Names of the frozen encoders this method reads (none by default)."""
+        return []
+
     def build_encoders(self, resolution: int) -> list:
-        """The frozen encoders this method reads (built now; none by default)."""
+        """Those encoders, built now."""
         return []
 
     def cache_root(self) -> str | None:

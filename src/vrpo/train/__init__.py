@@ -1,4 +1,4 @@
-"""The training loop, checkpoints, EMA and logging."""
+"""The training loop, EMA and the run logger (checkpoints live in ``vrpo.runs``)."""
 
 from vrpo.train.loop import Trainer, TrainingDiverged, TrainResult, train
 

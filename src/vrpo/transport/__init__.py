@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from vrpo.errors import ConfigError
 from vrpo.transport.interpolants import (
     CosineInterpolant,
     Interpolant,
@@ -16,7 +17,7 @@ from vrpo.transport.interpolants import (
     build_interpolant,
     sample_timesteps,
 )
-from vrpo.transport.noising import DDPMNoising, FlowNoising, Noising, build_noising, family_of
+from vrpo.transport.noising import FAMILY_SAMPLERS, DDPMNoising, FlowNoising, Noising, build_noising, family_of
 from vrpo.transport.samplers import GuidedPrediction, sample_flow, time_grid
 
 
@@ -24,7 +25,11 @@ from vrpo.transport.samplers import GuidedPrediction, sample_flow, time_grid
 def generate(model, cfg, labels, noise: torch.Tensor, generator: torch.Generator, **overrides) -> torch.Tensor:
     """Samples in model space from ``noise`` with the config's sampler (fields of ``cfg.sampler`` overridable)."""
     options = {**cfg.sampler.__dict__, **{k: v for k, v in overrides.items() if v is not None}}
-    return build_noising(cfg).generate(model, options, labels, noise, generator)
+    noising = build_noising(cfg)
+    if options["method"] not in FAMILY_SAMPLERS[noising.family]:
+        raise ConfigError(f"sampler {options['method']!r} does not sample the {noising.family} family of "
+                          f"{cfg.model.arch}: use {' or '.join(FAMILY_SAMPLERS[noising.family])}")  # fmt: skip
+    return noising.generate(model, options, labels, noise, generator)
 
 
 __all__ = [

@@ -18,6 +18,7 @@ from vrpo.transport.samplers import GuidedPrediction, sample_flow
 
 FAMILY_OF_ARCH = {"SiT": "flow", "DiT": "ddpm"}
 FAMILY_SAMPLERS = {"flow": ("euler", "heun", "sde"), "ddpm": ("ddpm",)}
+SAMPLERS = tuple(method for methods in FAMILY_SAMPLERS.values() for method in methods)
 
 
 def family_of(arch: str) -> str:

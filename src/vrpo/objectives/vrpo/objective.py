@@ -1,6 +1,6 @@
 """VRPO: the alignment quantities turned into variance-normalised rewards.
 
-The spec is /work/shared/docs/vrpo.md; docs/vrpo.md maps every item to an option and records
+The spec is ../shared/docs/vrpo.md; docs/vrpo.md maps every item to an option and records
 the choices where the spec is silent. Components are weighted into R_i (inverse variance or
 fixed), normalised by running statistics of R, and reach the network two ways: pathwise (the
 differentiable rewards, blocks 1..d and the heads only) and policy (a positive per-sample

@@ -1,4 +1,4 @@
-"""The evaluation suite: JSON pipeline with stub features, reference-cache reuse and refusal,
+"""Evaluation end to end: JSON pipeline with stub features, reference-cache reuse and refusal,
 bad-input errors, `vrpo plot`, representation metrics of tiny runs, the in-training hook."""
 
 import importlib.util
