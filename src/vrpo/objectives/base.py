@@ -105,10 +105,11 @@ class Objective(nn.Module):
         """Blocks whose outputs this method reads (1-based)."""
         return ()
 
-    def denoise(self, model, batch: Batch, generator: torch.Generator) -> DenoisingStep:
+    def denoise(self, model, batch: Batch, generator: torch.Generator, time_groups: int = 1) -> DenoisingStep:
+        """One noised pass; ``time_groups`` consecutive rows share one drawn time (a group's draws)."""
         # Draw order (t, noise, label dropout) is fixed so that every method sees the same draws.
         x = batch.x
-        t = self.noising.draw_times(x.shape[0], generator, x.device)
+        t = self.noising.draw_times(x.shape[0] // time_groups, generator, x.device).repeat_interleave(time_groups)
         noise = randn_like(x, generator)
         labels = drop_labels(batch.labels, self.label_dropout, self.null_class, generator)
         x_t = self.noising.add_noise(x, noise, t)

@@ -37,6 +37,10 @@ class Noising:
         """n copies of the family's time at fraction ``t`` of the way from data (0) to noise (1)."""
         raise NotImplementedError  # abstract
 
+    def fraction(self, t: torch.Tensor) -> torch.Tensor:
+        """Times as the fraction of the way from data (0) to noise (1), float."""
+        raise NotImplementedError  # abstract
+
     def earlier(self, t: torch.Tensor, delta: float) -> torch.Tensor:
         """Times ``delta`` (a fraction of the range) closer to the data, clamped at the data end."""
         raise NotImplementedError  # abstract
@@ -70,6 +74,9 @@ class FlowNoising(Noising):
 
     def fixed_times(self, t, n, device):
         return torch.full((n,), t, device=device)
+
+    def fraction(self, t):
+        return t.float()
 
     def earlier(self, t, delta):
         return (t - delta).clamp_min(0)
@@ -120,6 +127,9 @@ class DDPMNoising(Noising):
 
     def fixed_times(self, t, n, device):
         return torch.full((n,), round(t * (self.diffusion.num_timesteps - 1)), device=device, dtype=torch.long)
+
+    def fraction(self, t):
+        return t.float() / (self.diffusion.num_timesteps - 1)
 
     def earlier(self, t, delta):
         return (t - round(delta * self.diffusion.num_timesteps)).clamp_min(0)

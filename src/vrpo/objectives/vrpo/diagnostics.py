@@ -46,7 +46,8 @@ def dominant_weight(record: dict[str, float], rewards: list[str]) -> str | None:
 
 
 def plot_vrpo(run_dir: str | Path) -> Path | None:
-    """RUN/vrpo_weights.png: the weights w_k and lambda_s over training, from RUN/log.jsonl."""
+    """RUN/vrpo_weights.png: the weights w_k, lambda_s and the effective coefficients of the rewards
+    in L_align over training, from RUN/log.jsonl."""
     run_dir = Path(run_dir)
     records = [r for r in read_log(run_dir / "log.jsonl") if "lambda_s" in r]
     if not records:
@@ -57,16 +58,19 @@ def plot_vrpo(run_dir: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in records]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
-    for k in REWARDS:
-        if f"w_{k}" in records[0]:
-            top.plot(steps, [r[f"w_{k}"] for r in records], label=k)
-    top.set_ylabel("weight w_k")
-    top.legend()
-    bottom.plot(steps, [r["lambda_s"] for r in records], color="k")
-    bottom.set_ylabel("lambda_s")
-    bottom.set_xlabel("step")
-    for ax in (top, bottom):
+    panels = [("w_", "weight w_k"), ("coef_", "coefficient in L_align")]
+    panels = [(prefix, label) for prefix, label in panels if any(f"{prefix}{k}" in records[0] for k in REWARDS)]
+    fig, axes = plt.subplots(len(panels) + 1, 1, figsize=(6, 2.5 * (len(panels) + 1)), sharex=True)
+    for ax, (prefix, label) in zip(axes, panels):
+        for k in REWARDS:
+            if f"{prefix}{k}" in records[0]:
+                ax.plot(steps, [r.get(f"{prefix}{k}", float("nan")) for r in records], label=k)
+        ax.set_ylabel(label)
+        ax.legend()
+    axes[-1].plot(steps, [r["lambda_s"] for r in records], color="k")
+    axes[-1].set_ylabel("lambda_s")
+    axes[-1].set_xlabel("step")
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out = run_dir / "vrpo_weights.png"

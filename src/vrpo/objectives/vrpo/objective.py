@@ -23,6 +23,7 @@ from vrpo.objectives.vrpo.options import REWARDS, VRPOOptions, layer_plan, micro
 from vrpo.objectives.vrpo.rewards import (
     Reward,
     advantages,
+    correlation,
     fidelity_reward,
     global_cosine,
     load_lpips,
@@ -76,6 +77,8 @@ class VRPO(RewardStatistics, AlignmentObjective):
                 nn.init.zeros_(head.bias)
         self.__dict__["lpips"] = load_lpips() if o.perceptual == "lpips" else None  # frozen, not checkpointed
         self.register_statistics(encoders)
+        # v2: a group's draws share t (its advantage is relative within the group at one noise level)
+        self.time_groups = o.group_size if o.advantage_baseline == "timestep" else 1
         self.share_names = ["denoise", "align", *self.rewards]
         self.register_buffer("grad_share", torch.zeros(len(self.share_names)))  # last measurement, logged every step
 
@@ -92,26 +95,30 @@ class VRPO(RewardStatistics, AlignmentObjective):
         """(L_denoise weighted by the policy, L_align from the pathwise rewards, logs); the loss is their sum."""
         o = self.options
         batch, images = self.grouped(batch)
-        step = self.denoise(model, batch, generator)
+        step = self.denoise(model, batch, generator, time_groups=self.time_groups)
         rewards, real = self.reward_components(model, batch, images, step)
         w = self.weights()
         samples = torch.stack([rewards[k].sample.detach().double() for k in self.rewards])
         batch_values = torch.stack([rewards[k].batch for k in self.rewards])
         total = (w[:, None] * samples).sum(0)  # R_i, no gradient
         m_R, v_R = self.total_stats(w, total)
-        lam = self.lambda_s(v_R)
-        scale = lam / v_R.sqrt() if o.normalize else lam
+        prior = o.lambda_variance == "prior"  # lambda from R under the prior weights: w cannot move it
+        lam = self.lambda_s(self.prior_variance((self.prior_weights()[:, None] * samples).sum(0)) if prior else v_R)
+        scale = lam / v_R.sqrt() if o.standardize_pathwise and o.normalize else lam
         reward_terms = (-scale * w).float() * batch_values.float()  # each component's pathwise term
         align = reward_terms.sum()
-        if o.normalize:  # centre with the running mean of what is differentiated (a constant: value only)
+        if o.standardize_pathwise and o.normalize:  # centre with the running mean (a constant: value only)
             stats = self.reward_stats()
             centre = w @ stats[0] if stats is not None else w @ batch_values.detach().double()
             align = align + (scale * centre).float()
-        advantage = advantages(total, m_R, v_R, o)
+        t = self.noising.fraction(step.t)
+        bins = (t * self.bins).long().clamp(0, self.bins - 1) if self.bins else None
+        baseline = self.timestep_baseline(bins, m_R, v_R) if self.bins else (m_R, v_R)
+        advantage = advantages(total, *baseline, o)
         a = policy_weights(advantage, o) if o.policy else torch.ones_like(advantage)
         denoise = (a.detach() * step.per_sample_loss).mean() if o.policy else step.per_sample_loss.mean()
         if torch.is_grad_enabled():  # a training pass (not an evaluation under no_grad)
-            self.record(batch_values, samples, total, real)
+            self.record(batch_values, samples, total, real, bins)
             if o.grad_share_every and self.counts()["steps"] % o.grad_share_every == 0:
                 shares = gradient_shares(model.blocks[self.grad_block - 1], denoise, reward_terms)
                 self.grad_share.copy_(shares)
@@ -123,8 +130,8 @@ class VRPO(RewardStatistics, AlignmentObjective):
             "loss_denoise_unweighted": step.per_sample_loss.mean().detach(),  # comparable with SiT's and REPA's
             "R_mean": total.mean().float(),
             "R_var": v_R.float(),
-            **self.policy_logs(advantage, a),
-            **self.reward_logs(batch_values, w),
+            **self.policy_logs(advantage, a, t),
+            **self.reward_logs(batch_values, w, scale),
         }
         return denoise, align, logs
 
@@ -163,15 +170,19 @@ class VRPO(RewardStatistics, AlignmentObjective):
             out["semantic"] = Reward(r, r.mean())
         if "stability" in self.rewards:
             n = after[0].shape[0]
-            r = self.alignment.cosine([p[:n] for p in z], after)
+            now = [p[:n] for p in z]
+            if o.stability_centering:  # centred per token position over the pass's samples: no constant optimum
+                now, after = [p - p.mean(0, keepdim=True) for p in now], [p - p.mean(0, keepdim=True) for p in after]
+            r = self.alignment.cosine(now, after)
             # rows outside the stability subset take its mean (advantages need every row)
             out["stability"] = Reward(torch.cat([r, r.detach().mean().expand(z[0].shape[0] - n)]), r.mean())
         if "fidelity" in self.rewards:
             out["fidelity"] = fidelity_reward(z, reference, o)
         return out
 
-    def policy_logs(self, advantage: torch.Tensor, a: torch.Tensor) -> dict:
+    def policy_logs(self, advantage: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> dict:
         return {
+            "pw_t_corr": correlation(a, t),  # a timestep weighting hidden in the policy weights shows here
             "adv_mean": advantage.mean(),
             "adv_std": advantage.std(unbiased=False),
             "adv_min": advantage.min(),
@@ -180,9 +191,11 @@ class VRPO(RewardStatistics, AlignmentObjective):
             "pw_max": a.max().detach(),
         }
 
-    def reward_logs(self, batch_values: torch.Tensor, w: torch.Tensor) -> dict:
+    def reward_logs(self, batch_values: torch.Tensor, w: torch.Tensor, scale) -> dict:
         logs, stats = {}, self.reward_stats()
+        coefficients = (scale * w).float()  # what multiplies each reward in L_align (v2: lambda_s w_k)
         for j, k in enumerate(self.rewards):
+            logs[f"coef_{k}"] = coefficients[j]
             logs[f"r_{k}"] = batch_values[j].detach()
             logs[f"r_{k}_var"] = stats[1][j].float() if stats is not None else 0.0
             logs[f"w_{k}"] = w[j].float()
@@ -232,7 +245,8 @@ class VRPO(RewardStatistics, AlignmentObjective):
     @torch.no_grad()
     def stability_targets(self, model, batch: Batch, step: DenoisingStep) -> dict[int, list[torch.Tensor]]:
         """stopgrad(phi(h_t')) at t' = t - delta (clamped at the data), SAME noise, blocks 1..max(layers) only."""
-        n = max(1, round(self.options.stability_fraction * batch.x.shape[0]))
+        rows = batch.x.shape[0]  # centring needs two samples to centre over
+        n = min(rows, max(2 if self.options.stability_centering else 1, round(self.options.stability_fraction * rows)))
         t = self.noising.earlier(step.t[:n], self.options.delta)
         x_t = self.noising.add_noise(batch.x[:n], step.noise[:n], t)
         labels = None if step.labels is None else step.labels[:n]

@@ -24,18 +24,32 @@ _CHOICES = {
     "group_batch": ("draws", "images"),
     "layers": ("block", "early", "mid", "all"),
     "layer_projectors": ("shared", "per_block"),
+    "lambda_variance": ("prior", "total"),
+    "advantage_baseline": ("timestep", "global"),
 }
+# The choices version 2 of the spec changed (../shared/docs/vrpo.md, section 9); `spec: 1` selects
+# version 1's. An option set explicitly keeps its value under either spec.
+SPEC_DEFAULTS = {
+    2: {"stability_centering": True, "stability_fraction": 0.25, "weight_shrinkage": 0.25, "weight_bounds": [0.1, 0.6],
+        "lambda_variance": "prior", "standardize_pathwise": False, "advantage_baseline": "timestep",
+        "grad_share_every": 500},
+    1: {"stability_centering": False, "stability_fraction": 1.0, "weight_shrinkage": 1.0, "weight_bounds": [0.0, 1.0],
+        "lambda_variance": "total", "standardize_pathwise": True, "advantage_baseline": "global",
+        "grad_share_every": 50},
+}  # fmt: skip
 
 
 @dataclass
 class VRPOOptions(AlignmentOptions):
     name: str = "vrpo"
+    spec: int = 2  # the spec version whose defaults fill the options left unset (None) below
     rewards: list[str] = field(default_factory=lambda: list(REWARDS))
     # semantic
     semantic: str = "patch"  # patch (-L_REPA), global (head on mean-pooled h vs concat(global, mean token)), both
     # stability
     delta: float = 0.05  # second pass at t' = max(t - delta, 0)
-    stability_fraction: float = 1.0  # share of the batch given the stability pass (cost)
+    stability_fraction: float | None = None  # share of the batch given the stability pass (cost); v2 0.25, v1 1
+    stability_centering: bool | None = None  # cosine of batch-centred projections (v2); v1: uncentred
     # fidelity
     fidelity: str = "diagonal"  # diagonal or full (covariance) Frechet distance
     fidelity_floor: float = -10.0  # lower bound of the fidelity reward (FD per dimension, negated)
@@ -50,30 +64,42 @@ class VRPOOptions(AlignmentOptions):
     weight_semantic: float = 0.5
     weight_fidelity: float = 0.3
     weight_stability: float = 0.2
-    total_stats: str = (
-        "components"  # m_R, v_R from EMA moments of the components under today's weights, or of R directly
-    )
+    weight_shrinkage: float | None = None  # alpha: w = (1 - alpha) w0 + alpha u (u: inverse variance); v1 1
+    weight_bounds: list[float] | None = None  # [w_min, w_max] of every adaptive weight; v2 [0.1, 0.6], v1 [0, 1]
+    # m_R, v_R from EMA moments of the components under today's weights, or of R directly
+    total_stats: str = "components"
     variance_eps: float = 1e-8  # floor of every variance that divides (raise it to bound 1 / sqrt(v_R))
     normalize: bool = True  # (R - m_R) / sqrt(v_R); off: raw R
-    adaptive_lambda: bool = True  # lambda_s = clip(lambda_0 (v_R / v_R_ref)^kappa); off: lambda_0
+    adaptive_lambda: bool = True  # lambda_s = clip(lambda_0 (v / v_ref)^kappa); off: lambda_0
+    lambda_variance: str | None = None  # v: prior (of R under the prior weights w0, v2) or total (v_R, v1)
     lambda_0: float = 0.5
     kappa: float = 0.5
     lambda_min: float = 0.05
     lambda_max: float = 2.0
     # the two gradient paths
     pathwise: bool = True  # off: the rewards train only the heads (h detached)
+    standardize_pathwise: bool | None = None  # v1: -lambda_s (R - m_R) / sqrt(v_R); v2: rewards on their own scale
     policy: bool = True  # off: a_i = 1
     group_size: int = 1  # G draws (noise, t) per image
     group_batch: str = "draws"  # draws: B/G images x G (REPA's cost); images: B images x G (cost x G)
+    advantage_baseline: str | None = None  # timestep: per-t-bin EMA of R, group draws share t (v2); global (v1)
+    timestep_bins: int = 8  # bins of t for the timestep baseline
     adv_clip: float = 2.0
     adv_temperature: float = 1.0
     # layer-selective injection
     layers: str = "block"  # block (d), early (round(3L/8)), mid (L/2, cut below L/4), all (every block)
     layer_projectors: str = "shared"  # layers=all: one projector for every block, or one per block
-    grad_share_every: int = 50  # steps between gradient-share measurements at block d; 0: off
+    grad_share_every: int | None = None  # steps between gradient-share measurements at block d; 0: off
+
+    def __post_init__(self):
+        for key, value in SPEC_DEFAULTS.get(self.spec, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, list(value) if isinstance(value, list) else value)
 
     def validate(self, cfg) -> None:
         super().validate(cfg)
+        if self.spec not in SPEC_DEFAULTS:
+            raise ConfigError(f"objective.spec must be one of {', '.join(map(str, SPEC_DEFAULTS))}, got {self.spec!r}")
         for key, allowed in _CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"objective.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
@@ -101,6 +127,22 @@ class VRPOOptions(AlignmentOptions):
         need(self.warmup_steps >= 0, "objective.warmup_steps must be >= 0")
         need(self.grad_share_every >= 0, "objective.grad_share_every must be >= 0 (0: off)")
         need(self.variance_eps > 0.0, "objective.variance_eps must be > 0")
+        need(
+            0.0 <= self.weight_shrinkage <= 1.0,
+            f"objective.weight_shrinkage must be in [0, 1], got {self.weight_shrinkage}",
+        )
+        bounds = self.weight_bounds
+        need(
+            len(bounds) == 2 and 0.0 <= bounds[0] <= bounds[1] <= 1.0,
+            f"objective.weight_bounds must be [w_min, w_max] with 0 <= w_min <= w_max <= 1, got {bounds}",
+        )
+        low, high = bounds
+        k = len(self.rewards)
+        need(
+            k == 1 or k * low <= 1.0 <= k * high,
+            f"objective.weight_bounds {self.weight_bounds} admit no weights of {k} rewards that sum to 1",
+        )
+        need(self.timestep_bins >= 1, "objective.timestep_bins must be >= 1")
         weights = [getattr(self, f"weight_{r}") for r in self.rewards]
         need(
             min(weights) >= 0.0 and sum(weights) > 0.0,

@@ -96,6 +96,8 @@ def perceptual_reward(
 
 
 def advantages(total: torch.Tensor, m_R, v_R, options) -> torch.Tensor:
+    """A_i against a baseline: the other draws of the image (groups), else (R_i - m) / sqrt(v) with
+    m, v global scalars or per-sample values (the statistics of each sample's bin of t)."""
     g, total = options.group_size, total.double()  # rewards differ in late digits
     if g > 1:  # GRPO: relative to the other draws of the same image
         groups = total.view(-1, g)
@@ -103,6 +105,12 @@ def advantages(total: torch.Tensor, m_R, v_R, options) -> torch.Tensor:
     if options.normalize:
         return ((total - m_R) / v_R.sqrt()).float()
     return total.float()  # a_i is normalised to mean 1, so a shift would change nothing but the clip
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of two vectors (0 when either is constant)."""
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    return ((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12)).float()
 
 
 def policy_weights(advantage: torch.Tensor, options) -> torch.Tensor:
