@@ -31,6 +31,7 @@ demo: install data
 	$(PYTHON) -m vrpo.cli train --config $(DEMO_CONFIG) --out $(RUN)
 	$(PYTHON) -m vrpo.cli sample --run $(RUN) --num 100 --out $(RUN)/samples.npz
 	$(PYTHON) -m vrpo.cli eval --run $(RUN) --metrics ra,cknna,probe --num 500 --timesteps 0.5 --append $(RUN)/metrics.jsonl
+	@$(PYTHON) -m vrpo.cli summary --run $(RUN)
 
 lint: install
 	$(PYTHON) -m ruff check .

@@ -201,3 +201,10 @@ def test_group_draws_share_their_time(base):
     v1 = build(model, data, "objective.group_size=2", "objective.spec=1")
     t1 = v1.denoise(model, rows, step_generator(0, 0), time_groups=v1.time_groups).t.view(-1, 2)
     assert not torch.equal(t1[:, 0], t1[:, 1])  # version 1: independent t within a group
+
+
+def test_evaluations_read_the_block_the_rewards_use(base):
+    data, model, _, _ = base
+    mid = build(model, data, "objective.layers=mid")
+    assert mid.layers == [model.depth // 2] and mid.alignment.depth == model.depth // 2  # RA reads block 3, not 2
+    assert build(model, data).alignment.depth == 2  # the default block (a third of T's 6)

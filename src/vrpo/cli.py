@@ -16,7 +16,7 @@ from vrpo.errors import ConfigError, EvalError
 from vrpo.eval.plot import plot_runs
 from vrpo.eval.representations import RUN_METRICS, evaluate_representations
 from vrpo.eval.sample_metrics import SAMPLE_METRICS, evaluate_samples, metrics_record
-from vrpo.runs import CheckpointError, append_record, newest_checkpoint_step
+from vrpo.runs import CheckpointError, append_record, newest_checkpoint_step, run_summary
 from vrpo.sample import sample_run
 from vrpo.study import load_study, run_study, write_report
 from vrpo.train import TrainingDiverged, train
@@ -123,6 +123,11 @@ def _eval(args) -> int:
     if args.append:
         append_record(args.append, metrics_record(step, result))
     print(json.dumps(result))
+    return 0
+
+
+def _summary(args) -> int:
+    print("\n".join(run_summary(args.run)))
     return 0
 
 
@@ -269,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="PNG file")
     p.add_argument("--metric", default="fid", help="metric key(s), comma-separated, e.g. fid,sfid or cknna@0.5")
     p.set_defaults(func=_plot)
+
+    p = sub.add_parser("summary", help="a few lines on a run: losses, reward weights, metrics, warnings, pictures")
+    p.add_argument("--run", required=True, type=Path)
+    p.set_defaults(func=_summary)
     return parser
 
 

@@ -50,3 +50,31 @@ def newest_checkpoint_step(run_dir: str | Path) -> int | None:
 def read_metrics(run_dir: str | Path) -> dict[int, dict]:
     """step -> the evaluation record of that step (RUN/metrics.jsonl)."""
     return {int(r["step"]): r for r in read_log(Path(run_dir) / "metrics.jsonl")}
+
+
+def run_summary(run_dir: str | Path) -> list[str]:
+    """A few lines on a run: its last logged losses and VRPO weights, its newest evaluations, its
+    warnings and where its pictures are."""
+    run_dir = Path(run_dir)
+    log = read_log(run_dir / "log.jsonl")
+    if not log:
+        raise FileNotFoundError(f"{run_dir} has no log.jsonl: is it a run folder?")
+    last = log[-1]
+    lines = [f"{run_dir}: step {last['step']}, loss {last['loss']:.4f}"]
+    weights = {k[2:]: v for k, v in last.items() if k.startswith("w_")}
+    if weights:
+        coef = {k: f" (coef {last['coef_' + k]:.3f})" if "coef_" + k in last else "" for k in weights}
+        parts = ", ".join(f"{k} {v:.2f}{coef[k]}" for k, v in weights.items())
+        lines.append(f"  reward weights: {parts}; lambda_s {last['lambda_s']:.3f}")
+    merged: dict = {}
+    for record in read_log(run_dir / "metrics.jsonl"):
+        merged.update({k: v for k, v in record.items() if isinstance(v, float)})
+    shown = [k for k in ("ra", "cknna", "probe", "fid", "fd_efficientnet") if k in merged]
+    if shown:
+        lines.append("  metrics: " + ", ".join(f"{k} {merged[k]:.4g}" for k in shown))
+    warned = sorted({r["key"] for r in read_log(run_dir / "warnings.jsonl") if "key" in r})
+    lines.append(f"  warnings: {', '.join(warned) if warned else 'none'}")
+    grids = sorted((run_dir / "samples").glob("step_*.png"))
+    pictures = [*grids[-1:], *(p for p in map(run_dir.joinpath, ("samples.png", "loss_curve.png", "vrpo_weights.png")))]
+    lines.append("  pictures: " + ", ".join(str(p) for p in pictures if p.is_file()))
+    return lines

@@ -48,6 +48,8 @@ class VRPO(RewardStatistics, AlignmentObjective):
                 f"VRPO: objective.layers=early resolves to block {depth} at depth {model.depth}, "
                 "the block that objective.layers=block uses: this run repeats the default placement"
             )
+        if len(self.layers) == 1:  # early/mid move the aligned block: evaluations (RA) must read that one
+            self.alignment.depth = self.layers[0]
         self.grad_block = max(self.layers)  # where gradient shares are measured
         # mid: the reward branch is a second pass cut at block `cut` (the main pass keeps its graph)
         self.second_pass = o.pathwise and self.cut > 0
