@@ -73,6 +73,11 @@ def test_semantic_only_reproduces_repa_loss_and_gradients(base):
         "objective.lambda_0=0.5",
         "objective.warmup_steps=1",
     )
+    assert_matches_repa(vrpo, repa, model, batch)
+
+
+def assert_matches_repa(vrpo, repa, model, batch):
+    """Prop. 2's check: with REPA's heads, past warm-up, the loss and every gradient equal REPA's to 1e-6."""
     vrpo.alignment.load_state_dict(repa.alignment.state_dict())
     for s in range(2):  # past warm-up, with statistics: the single weight stays 1
         vrpo.loss(model, batch, step_generator(0, s))

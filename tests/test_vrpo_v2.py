@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from test_repa import setup
-from test_vrpo import SMALL, block_grads, grads
+from test_vrpo import SMALL, assert_matches_repa, block_grads
 from vrpo.config import load_config
 from vrpo.data import step_generator
 from vrpo.objectives import build_objective
@@ -138,23 +138,7 @@ def test_semantic_only_v2_reproduces_repa_loss_and_gradients(base):
     data, model, repa, batch = base
     vrpo = build(model, data, "objective.rewards=[semantic]", "objective.adaptive_lambda=false",
                  "objective.policy=false", "objective.lambda_0=0.5", "objective.warmup_steps=1")  # fmt: skip
-    vrpo.alignment.load_state_dict(repa.alignment.state_dict())
-    for s in range(2):
-        vrpo.loss(model, batch, step_generator(0, s))
-        vrpo.end_of_step(s, True)
-    results = []
-    for objective in (repa, vrpo):
-        model.zero_grad(set_to_none=True)
-        objective.zero_grad(set_to_none=True)
-        out = objective.loss(model, batch, step_generator(0, 7))
-        out.loss.backward()
-        results.append((out.loss.detach(), grads(model, objective.alignment)))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)
-    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
-    for key in grads_a:
-        torch.testing.assert_close(grads_b[key], grads_a[key], rtol=1e-6, atol=1e-12, msg=key)
-    model.zero_grad(set_to_none=True)
+    assert_matches_repa(vrpo, repa, model, batch)
 
 
 def test_pathwise_term_is_lambda_w_times_the_rewards_and_coefficients_are_logged(base):
