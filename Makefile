@@ -9,7 +9,10 @@ STAMP = .make-installed
 
 .PHONY: install data demo lint format test bench clean
 
-install: $(STAMP)
+# The stamp alone is not enough: an editable install elsewhere (a fresh clone's CI) rewires `vrpo`.
+install:
+	@$(PYTHON) -c "import sys, vrpo; sys.exit(not vrpo.__file__.startswith('$(CURDIR)/'))" 2>/dev/null || rm -f $(STAMP)
+	@$(MAKE) --no-print-directory $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0

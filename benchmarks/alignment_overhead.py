@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=640, help="images in the cached subset")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--reference", default=None, help="a variant to divide by round by round (e.g. repa): paired ratios, 95%% CI"
+    )
     args = parser.parse_args(argv)
 
     from vrpo.config import load_config
@@ -60,11 +63,17 @@ def main(argv=None) -> int:
         for variant in args.variant:
             name, _, overrides = variant.partition(":")
             variants[name] = (args.config, [*base, *overrides.split(";"), cached])
+        if args.reference and args.reference not in variants:
+            raise SystemExit(f"--reference {args.reference!r} is not one of the variants {list(variants)}")
         runs = measure_interleaved(variants, args.steps, args.warmup)
     sit_ms = runs["sit"]["ms_per_step_median"]
+    paired = {}
+    if args.reference:
+        paired = {k: paired_ratio(v["ms_per_step"], runs[args.reference]["ms_per_step"]) for k, v in runs.items()}
     print(
         json.dumps(
             {
+                **({"paired_ratio_over_" + args.reference: paired} if paired else {}),
                 "arch": args.arch,
                 "config": args.config,
                 "steps_per_variant": args.steps,
@@ -76,6 +85,20 @@ def main(argv=None) -> int:
         )
     )
     return 0
+
+
+def paired_ratio(times: list[float], reference: list[float], draws: int = 2000) -> dict:
+    """Median of the per-round ratios (the same round of the machine's drift) and its bootstrap 95% CI."""
+    import random
+    import statistics
+
+    ratios = [a / b for a, b in zip(times, reference)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    return {
+        "median": round(statistics.median(ratios), 4),
+        "ci95": [round(medians[int(0.025 * draws)], 4), round(medians[int(0.975 * draws)], 4)],
+    }
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def measure_interleaved(variants: dict[str, tuple[str, list[str]]], steps: int, 
             "ms_per_step_mean": 1000 * statistics.fmean(t),
             "images_per_s": batch[name] / statistics.median(t),
             "steps": len(t),
+            "ms_per_step": [round(1000 * x, 2) for x in t],  # in round order: pairs with the other variants
         }
         for name, t in times.items()
     }

@@ -71,6 +71,28 @@ def test_repa_loss_matches_the_direct_formula():
     assert objective.alignment.depth == 2  # a third of T's 6 blocks
 
 
+def test_token_cosine_equals_torch_cosine_in_value_and_gradient():
+    from vrpo.objectives.alignment import token_cosine
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
+    y = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
+    z[0, 0], y[1, 1] = 0.0, 0.0  # a zero vector on either side scores 0, as in torch
+    weights = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    values, grads = [], []
+    for cosine in (token_cosine, lambda a, b: F.cosine_similarity(a, b, dim=-1, eps=1e-8)):
+        leaf = z.clone().requires_grad_()
+        value = cosine(leaf, y)
+        values.append(value)
+        grads.append(torch.autograd.grad((weights * value).sum(), leaf)[0])
+    assert values[0].dtype == torch.float64
+    torch.testing.assert_close(values[0], values[1], rtol=1e-12, atol=1e-12)
+    keep = torch.ones(3, 5, dtype=torch.bool)
+    keep[0, 0] = False  # at z = 0 torch's gradient is 0/0
+    torch.testing.assert_close(grads[0][keep], grads[1][keep], rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(grads[0]).all()
+
+
 def test_alignment_gradient_reaches_only_blocks_up_to_d_and_the_projector():
     cfg, data, model, objective, batch = setup()
     step = objective.denoise(model, batch, step_generator(0, 0))

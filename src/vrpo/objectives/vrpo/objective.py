@@ -27,6 +27,7 @@ from vrpo.objectives.vrpo.rewards import (
     fidelity_reward,
     global_cosine,
     load_lpips,
+    mean_over,
     perceptual_reward,
     policy_weights,
 )
@@ -143,7 +144,9 @@ class VRPO(RewardStatistics, AlignmentObjective):
         outputs = self.alignment.encoder_outputs(images)
         on_grid = self.alignment.on_model_grid(outputs)  # every reward uses the same resampled targets
         targets = [y.repeat_interleave(g, 0) for y in on_grid]
-        globals_ = [torch.cat([glob, tokens.mean(1)], -1).repeat_interleave(g, 0) for tokens, glob in outputs]
+        globals_ = []
+        if self.global_heads is not None:  # concat(CLS, mean patch token), for semantic: global/both
+            globals_ = [torch.cat([glob, tokens.mean(1)], -1).repeat_interleave(g, 0) for tokens, glob in outputs]
         real = [y.mean(dim=1) for y in on_grid] if "fidelity" in self.rewards else []
         reference = self.reference(real) if real else []
         hidden = self.reward_hidden(model, step)
@@ -174,7 +177,7 @@ class VRPO(RewardStatistics, AlignmentObjective):
             n = after[0].shape[0]
             now = [p[:n] for p in z]
             if o.stability_centering:  # centred per token position over the pass's samples: no constant optimum
-                now, after = [p - p.mean(0, keepdim=True) for p in now], [p - p.mean(0, keepdim=True) for p in after]
+                now, after = [p - mean_over(p, 0) for p in now], [p - mean_over(p, 0) for p in after]
             r = self.alignment.cosine(now, after)
             # rows outside the stability subset take its mean (advantages need every row)
             out["stability"] = Reward(torch.cat([r, r.detach().mean().expand(z[0].shape[0] - n)]), r.mean())
