@@ -133,6 +133,23 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
     assert (tmp_path / "twin" / "repa" / "seed0" / "metrics.jsonl").read_text() == (
         archive.parent / "seed0" / "metrics.jsonl"
     ).read_text()
+    # a method imported from another study's archive: shown, a speed-up reference, never trained
+    imported = write_study(
+        tmp_path,
+        {"sit": ["objective={name: sit}"]},
+        eval_every=1,
+        name="imported",
+        out=str(tmp_path / "imported-runs"),
+        report=str(tmp_path / "imported.md"),
+        imported={"repa-old": str(archive.parent)},
+        speedup={"reference": ["sit", "repa-old"], "metric": "fid"},
+        contrasts=[["repa-old", "sit"]],
+    )
+    run_study(load_study(imported), log=lambda *_: None)
+    text = (tmp_path / "imported.md").read_text()
+    assert "Speed-up against sit" in text and "Speed-up against repa-old" in text
+    assert re.search(r"\| repa-old \| [\d.]+ \+- [\d.]+ \(n=2\)", text)  # both archived seeds read
+    assert not (tmp_path / "imported-runs" / "repa-old").exists()
 
 
 def test_study_extends_another(tmp_path):
@@ -175,6 +192,10 @@ def test_bad_study_files(tmp_path):
         run_study(load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]})), only_methods=["vrpo"])
     with pytest.raises(ConfigError, match="study.contrasts"):
         load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"], "repa": []}, contrasts=[["repa", "vrpo"]]))
+    with pytest.raises(ConfigError, match="no archive folder"):
+        load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]}, imported={"old": str(tmp_path / "x")}))
+    with pytest.raises(ConfigError, match="name it once"):
+        load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]}, imported={"sit": str(tmp_path)}))
     with pytest.raises(ConfigError, match="study.final"):
         load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]}, final={"num": 5000}))
 

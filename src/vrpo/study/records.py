@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from vrpo.runs import read_log, read_metrics
 from vrpo.study.spec import StudySpec, method_config, source_dir
@@ -93,9 +94,20 @@ def collect(spec: StudySpec) -> dict[str, dict[int, RunRecord]]:
     """method -> seed -> run record."""
     out: dict[str, dict[int, RunRecord]] = {}
     for m in spec.methods:
-        batch = method_config(spec, m, spec.seeds[0]).train.batch_size
+        batch = batch_size_of(spec, m)
         out[m] = {s: read_run(source_dir(spec, m, s), batch) for s in spec.seeds}
     return out
+
+
+def batch_size_of(spec: StudySpec, method: str) -> int:
+    """A method's batch; an imported one's from the resolved config its archive holds (0 if none)."""
+    if method not in spec.imported:
+        return method_config(spec, method, spec.seeds[0]).train.batch_size
+    for seed in spec.seeds:
+        config = source_dir(spec, method, seed) / "config.yaml"
+        if config.is_file():
+            return int(yaml.safe_load(config.read_text())["train"]["batch_size"])
+    return 0
 
 
 def measured_steps(data, key: str) -> list[int]:

@@ -101,10 +101,12 @@ def final_table(spec: StudySpec, data) -> list[str]:
 
 
 def speedup_lines(spec: StudySpec, data) -> list[str]:
-    """Steps each method needs to reach the reference method's final value, as a ratio per seed."""
-    if not spec.speedup:
-        return []
-    ref, key = spec.speedup["reference"], spec.speedup.get("metric", spec.metric)
+    """Per reference method: the steps each method needs to reach its final value, as a ratio per seed."""
+    return [line for ref in spec.speedup_references for line in speedup_against(spec, data, ref)]
+
+
+def speedup_against(spec: StudySpec, data, ref: str) -> list[str]:
+    key = spec.speedup.get("metric", spec.metric)
     lines = [
         f"## Speed-up against {ref}'s final {key}",
         "",

@@ -50,7 +50,7 @@ def run_study(spec: StudySpec, log=print, only_seeds=None, only_methods=None) ->
         if only_seeds is not None and seed not in only_seeds:
             continue
         for method in spec.methods:
-            if only_methods is not None and method not in only_methods:
+            if (only_methods is not None and method not in only_methods) or method in spec.imported:
                 continue
             cfg = method_config(spec, method, seed)
             archive = archive_dir(spec, method, seed)

@@ -25,7 +25,7 @@ Study file (YAML; ``extends: OTHER.yaml`` inherits another file's keys and adds 
     seeds: [0, 1, 2]
     metric: fid                         # the headline metric (lower is better)
     metrics: [fid, fd_efficientnet, ra] # everything the report tabulates
-    speedup: {reference: repa, metric: fd_efficientnet}  # steps to reach the reference's final value
+    speedup: {reference: repa, metric: fd_efficientnet}  # steps to reach the reference's final value (or a list)
     curve_steps: [900]                  # more curve points, evaluated after training from kept checkpoints
     representations: {metrics: [ra, cknna], num: 500, transfer: digits}  # after each run, EMA weights
     methods:                            # name -> overrides
@@ -54,17 +54,26 @@ class StudySpec:
     baseline: str = "sit"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     methods: dict = field(default_factory=dict)
+    # method -> the archive folder (seed0/, seed1/, ...) of a finished run of another study: its numbers
+    # are shown beside this study's methods (after them), and it is never trained here
+    imported: dict = field(default_factory=dict)
     contrasts: list = field(default_factory=list)  # [[method, reference], ...] beyond those against the baseline
     metric: str = "fid"  # the headline metric (lower is better)
     metrics: list[str] = field(default_factory=list)  # tabulated metrics; empty: [metric]
     archive: str = ""  # small outputs of finished runs; "": beside the report, in a folder named after it
     index: str = "docs/results.md"  # the study's summary block is kept up to date there; "": none
-    speedup: dict = field(default_factory=dict)  # {reference: METHOD, metric: KEY (default: metric)}
+    speedup: dict = field(default_factory=dict)  # {reference: METHOD or [METHOD, ...], metric: KEY}
     representations: dict = field(default_factory=dict)  # {metrics, num, timesteps, transfer: DATASET}
     final: dict = field(default_factory=dict)  # {num_samples, metrics}: a larger evaluation of the final EMA weights
     curve_steps: list[int] = field(
         default_factory=list
     )  # further curve points, evaluated after training from kept checkpoints
+
+    @property
+    def speedup_references(self) -> list[str]:
+        """The methods whose final value the speed-up is measured against (one, or a list)."""
+        ref = self.speedup.get("reference")
+        return [] if ref is None else list(ref) if isinstance(ref, list) else [ref]
 
     @property
     def report_metrics(self) -> list[str]:
@@ -104,11 +113,17 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
     spec.set = [*spec.set, *overrides]
     if not spec.methods:
         raise ConfigError("study.methods is empty: name at least one method with its overrides")
+    for name, folder in spec.imported.items():
+        if name in spec.methods:
+            raise ConfigError(f"study.imported.{name} is also one of the study's methods: name it once")
+        if not Path(folder).is_dir():
+            raise ConfigError(f"study.imported.{name}: no archive folder {folder}")
+        spec.methods[name] = None  # listed with the others in every table
     if spec.baseline not in spec.methods:
         raise ConfigError(f"study.baseline '{spec.baseline}' is not one of the methods {sorted(spec.methods)}")
-    if spec.speedup and spec.speedup.get("reference") not in spec.methods:
+    if spec.speedup and (not spec.speedup_references or set(spec.speedup_references) - set(spec.methods)):
         raise ConfigError(
-            f"study.speedup.reference must be one of the methods {sorted(spec.methods)}, got "
+            f"study.speedup.reference must be one of the methods {sorted(spec.methods)} or a list of them, got "
             f"{spec.speedup.get('reference')!r}"
         )
     if set(spec.speedup) - {"reference", "metric"}:
@@ -128,7 +143,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
                 "study.contrasts takes [method, reference] pairs of two different methods out of "
                 f"{sorted(spec.methods)}, got {pair!r}"
             )
-    for name in spec.methods:
+    for name in (m for m in spec.methods if m not in spec.imported):
         cfg = method_config(spec, name, spec.seeds[0])  # validate every method before any compute
         t = cfg.train
         saved = list(range(t.ckpt_every, t.max_steps, t.ckpt_every)) if t.ckpt_every > 0 else []
@@ -143,6 +158,8 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
 
 
 def method_config(spec: StudySpec, method: str, seed: int):
+    if method in spec.imported:
+        raise ConfigError(f"study method {method} is imported from {spec.imported[method]}: it has no config here")
     overrides = spec.methods[method] or []
     if not isinstance(overrides, list):
         raise ConfigError(f"study.methods.{method} must be a list of KEY=VALUE overrides")
@@ -176,6 +193,8 @@ def archived_final_step(folder: Path, spec: StudySpec | None = None) -> int | No
 
 def source_dir(spec: StudySpec, method: str, seed: int) -> Path:
     """Where a run's numbers are read from: its archive once finished, else its run folder."""
+    if method in spec.imported:
+        return Path(spec.imported[method]) / f"seed{seed}"
     archived = archive_dir(spec, method, seed)
     return archived if archived_final_step(archived) is not None else run_dir(spec, method, seed)
 
