@@ -143,7 +143,7 @@ class VRPO(RewardStatistics, AlignmentObjective):
         g = batch.x.shape[0] // images.x.shape[0]
         outputs = self.alignment.encoder_outputs(images)
         on_grid = self.alignment.on_model_grid(outputs)  # every reward uses the same resampled targets
-        targets = [y.repeat_interleave(g, 0) for y in on_grid]
+        targets = [y.repeat_interleave(g, 0) if g > 1 else y for y in on_grid]  # g = 1: no full-size copy
         globals_ = []
         if self.global_heads is not None:  # concat(CLS, mean patch token), for semantic: global/both
             globals_ = [torch.cat([glob, tokens.mean(1)], -1).repeat_interleave(g, 0) for tokens, glob in outputs]
