@@ -24,3 +24,20 @@ TINY = [
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch, request):
+    """Every test runs from the repository root: configs/ and cache/ paths are relative to it."""
+    monkeypatch.chdir(request.config.rootpath)
+
+
+@pytest.fixture(scope="module")
+def base(request):
+    """(data, model, REPA objective, batch) of test_repa.setup, shared by a module's VRPO tests."""
+    from test_repa import setup  # here: at the top, its EfficientNet importorskip would skip every test
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(request.config.rootpath)
+        _, data, model, repa, batch = setup()
+    return data, model, repa, batch

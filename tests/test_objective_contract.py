@@ -86,11 +86,6 @@ def loss_and_grads(model, objective, batch, generator):
     return out, {n: None if p.grad is None else p.grad.clone() for n, p in params}
 
 
-@pytest.fixture(autouse=True)
-def _root(monkeypatch, request):
-    monkeypatch.chdir(request.config.rootpath)
-
-
 @pytest.mark.parametrize("name,family", CASES)
 def test_declares_what_callers_use(name, family):
     cfg, model, objective, _ = build(name, family)

@@ -44,11 +44,6 @@ def setup(tmp_path=None, *extra):
     return cfg, data, model, objective, batch
 
 
-@pytest.fixture(autouse=True)
-def _root(monkeypatch, request):
-    monkeypatch.chdir(request.config.rootpath)
-
-
 def test_repa_loss_matches_the_direct_formula():
     cfg, data, model, objective, batch = setup()
     out = objective.loss(model, batch, step_generator(0, 0))

@@ -9,11 +9,6 @@ from vrpo.study import RETENTION_MIN_RA, RunRecord, load_study, mean_ci, run_stu
 pytest.importorskip("efficientnet_lite_pytorch")
 
 
-@pytest.fixture(autouse=True)
-def _root(monkeypatch, request):
-    monkeypatch.chdir(request.config.rootpath)
-
-
 def write_study(tmp_path, methods, eval_every=2, **extra):
     tiny = [
         "data.name=digits",

@@ -8,7 +8,6 @@ import types
 import pytest
 import torch
 
-from test_repa import setup
 from vrpo.config import ConfigError, load_config
 from vrpo.data import step_generator
 from vrpo.eval.frechet import frechet_distance
@@ -35,19 +34,6 @@ def vrpo_config(*extra):
 def build(model, data, *extra):
     torch.manual_seed(1)  # the same heads for every objective a test compares
     return build_objective(vrpo_config(*extra), model, data)
-
-
-@pytest.fixture(scope="module")
-def base(request):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(request.config.rootpath)
-        cfg, data, model, repa, batch = setup()
-    return data, model, repa, batch
-
-
-@pytest.fixture(autouse=True)
-def _root(monkeypatch, request):
-    monkeypatch.chdir(request.config.rootpath)
 
 
 def grads(*modules) -> dict:

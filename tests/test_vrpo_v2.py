@@ -5,7 +5,6 @@ per-timestep baseline, group draws sharing t, the logged coefficients; Prop. 2 a
 import pytest
 import torch
 
-from test_repa import setup
 from test_vrpo import SMALL, assert_matches_repa, block_grads
 from vrpo.config import load_config
 from vrpo.data import step_generator
@@ -19,19 +18,6 @@ V2 = [o for o in SMALL if not o.startswith("objective.spec")]
 def build(model, data, *extra):
     torch.manual_seed(1)
     return build_objective(load_config("configs/fmnist/vrpo-t2.yaml", [*V2, *extra]), model, data)
-
-
-@pytest.fixture(scope="module")
-def base(request):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(request.config.rootpath)
-        _, data, model, repa, batch = setup()
-    return data, model, repa, batch
-
-
-@pytest.fixture(autouse=True)
-def _root(monkeypatch, request):
-    monkeypatch.chdir(request.config.rootpath)
 
 
 def feed(vrpo, comps, samples, t=None):
