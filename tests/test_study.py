@@ -195,6 +195,33 @@ def test_bad_study_files(tmp_path):
         load_study(write_study(tmp_path, {"sit": ["objective={name: sit}"]}, final={"num": 5000}))
 
 
+def test_selection_rule_chooses_the_lowest_kept_and_breaks_ties_to_the_first():
+    from types import SimpleNamespace
+
+    from vrpo.study.records import RunRecord
+    from vrpo.study.selection import choose, selection_lines
+
+    def run(fid, ra):
+        return {10: RunRecord(metrics={1200: {"fid": fid}}, seconds_per_step=None, wall_s=0.0,
+                              representations={"in_domain": {"ra": ra}})}  # fmt: skip
+
+    data = {"a-1": run(100.0, 0.7), "a-2": run(99.5, 0.7), "a-4": run(90.0, 0.2), "b-1": run(80.0, 0.6)}
+    data["b-2"] = {10: RunRecord(metrics={}, seconds_per_step=None, wall_s=0.0, representations={})}
+    rule = {"groups": {"a": ["a-1", "a-2", "a-4"], "b": ["b-1", "b-2"]}, "require": {"ra": 0.5}, "tie": 1.0}
+    spec = SimpleNamespace(selection=rule, metric="fid")
+    a, b = choose(spec, data)
+    assert (a.chosen, a.excluded, a.measured) == ("a-1", ["a-4"], 3)  # a-4 is lower but collapsed; a-2 ties
+    assert (b.chosen, b.measured, b.candidates) == ("b-1", 1, 2)
+    text = "\n".join(selection_lines(spec, data))
+    assert "| a | a-1 | 100.00 | 3/3 | a-4 | final |" in text and "| b | b-1 | 80.00 | 1/2 | - | provisional |" in text
+    rule["tie"] = 0.0
+    assert choose(spec, data)[0].chosen == "a-2"
+    with pytest.raises(ConfigError, match="selection.groups.a"):
+        from vrpo.study.selection import check_selection
+
+        check_selection({"groups": {"a": ["a-1", "zz"]}}, data)
+
+
 def test_interval_of_the_mean():
     mean, half = mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / 3**0.5, rel=1e-3)

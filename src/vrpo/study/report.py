@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from vrpo.study.records import RETENTION_MIN_RA, collect, measured_steps
+from vrpo.study.selection import selection_lines
 from vrpo.study.spec import StudySpec
 from vrpo.study.statistics import mean_ci, steps_to_reach, verdict
 
@@ -149,7 +150,7 @@ def write_report(spec: StudySpec) -> Path:
         "",
     ]
     summary = final_table(spec, data)
-    lines = head + summary + [""] + speedup_lines(spec, data)
+    lines = head + summary + [""] + selection_lines(spec, data) + speedup_lines(spec, data)
     for key in spec.report_metrics:
         steps = measured_steps(data, key)
         if len(steps) < 2:  # a single point (a final-only metric) is already in the final table

@@ -31,6 +31,8 @@ Study file (YAML; ``extends: OTHER.yaml`` inherits another file's keys and adds 
     methods:                            # name -> overrides
       sit: ["objective={name: sit}"]
       repa: []
+    imported: {vrpo-v1: docs/results/other/vrpo}  # another study's archived runs, shown, never trained
+    selection: {groups: {repa: [repa-0.5, repa-1]}, metric: fid, require: {ra: 0.5}, tie: 1.0}  # selection.py
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import yaml
 
 from vrpo.config import build_section, load_config, read_yaml_tree
 from vrpo.errors import ConfigError
+from vrpo.study.selection import check_selection
 
 
 @dataclass
@@ -57,6 +60,7 @@ class StudySpec:
     # method -> the archive folder (seed0/, seed1/, ...) of a finished run of another study: its numbers
     # are shown beside this study's methods (after them), and it is never trained here
     imported: dict = field(default_factory=dict)
+    selection: dict = field(default_factory=dict)  # a rule choosing one method per group (study/selection.py)
     contrasts: list = field(default_factory=list)  # [[method, reference], ...] beyond those against the baseline
     metric: str = "fid"  # the headline metric (lower is better)
     metrics: list[str] = field(default_factory=list)  # tabulated metrics; empty: [metric]
@@ -143,6 +147,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
                 "study.contrasts takes [method, reference] pairs of two different methods out of "
                 f"{sorted(spec.methods)}, got {pair!r}"
             )
+    check_selection(spec.selection, spec.methods)
     for name in (m for m in spec.methods if m not in spec.imported):
         cfg = method_config(spec, name, spec.seeds[0])  # validate every method before any compute
         t = cfg.train
