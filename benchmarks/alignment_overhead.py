@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -89,9 +91,6 @@ def main(argv=None) -> int:
 
 def paired_ratio(times: list[float], reference: list[float], draws: int = 2000) -> dict:
     """Median of the per-round ratios (the same round of the machine's drift) and its bootstrap 95% CI."""
-    import random
-    import statistics
-
     ratios = [a / b for a, b in zip(times, reference)]
     rng = random.Random(0)
     medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))

@@ -61,10 +61,9 @@ def stage_data(cfg, out: Path) -> dict:
 
 def to_uint8_28(images: torch.Tensor) -> np.ndarray:
     """The loader's tensor back to the 28 x 28 bytes of the idx file (it pads to 32 on load)."""
-    x = images
-    if x.dtype != torch.uint8:
-        raise SystemExit(f"stage: expected uint8 images from the loader, got {x.dtype}")
-    x = x[:, 0] if x.dim() == 4 else x
+    if images.dtype != torch.uint8:
+        raise SystemExit(f"stage: expected uint8 images from the loader, got {images.dtype}")
+    x = images[:, 0] if images.dim() == 4 else images
     pad = (x.shape[-1] - 28) // 2
     return x[:, pad : pad + 28, pad : pad + 28].numpy() if pad else x.numpy()
 
@@ -110,13 +109,10 @@ def main(argv=None) -> int:
     ignored = subprocess.run(["git", "check-ignore", "-q", str(out)], cwd=root).returncode == 0
     if not ignored:
         raise SystemExit(f"stage: {out} is not ignored by git; stage into an ignored folder (.gpu/ is)")
-    from vrpo.study.spec import load_study
+    from vrpo.study.spec import load_study, method_config
 
     spec = load_study(args.study)
-    method = next(iter(spec.methods))
-    from vrpo.study.spec import method_config
-
-    counts = stage_data(method_config(spec, method, spec.seeds[0]), out)
+    counts = stage_data(method_config(spec, next(iter(spec.methods)), spec.seeds[0]), out)
     stage_weights(out)
     mib = travelling_mib(root, out)
     print(f"staged {out}: {counts['train_images']} training and {counts['test_images']} test images, weights; "

@@ -34,6 +34,11 @@ from vrpo.objectives.vrpo.rewards import (
 from vrpo.objectives.vrpo.statistics import RewardStatistics
 
 
+def repeat_rows(x: torch.Tensor, g: int) -> torch.Tensor:
+    """Each row G times in a row (a group's draws); G = 1 returns x itself, not a full-size copy."""
+    return x if g == 1 else x.repeat_interleave(g, 0)
+
+
 class VRPO(RewardStatistics, AlignmentObjective):
     name = "vrpo"
     Options = VRPOOptions
@@ -143,10 +148,10 @@ class VRPO(RewardStatistics, AlignmentObjective):
         g = batch.x.shape[0] // images.x.shape[0]
         outputs = self.alignment.encoder_outputs(images)
         on_grid = self.alignment.on_model_grid(outputs)  # every reward uses the same resampled targets
-        targets = [y.repeat_interleave(g, 0) if g > 1 else y for y in on_grid]  # g = 1: no full-size copy
+        targets = [repeat_rows(y, g) for y in on_grid]
         globals_ = []
         if self.global_heads is not None:  # concat(CLS, mean patch token), for semantic: global/both
-            globals_ = [torch.cat([glob, tokens.mean(1)], -1).repeat_interleave(g, 0) for tokens, glob in outputs]
+            globals_ = [repeat_rows(torch.cat([glob, tokens.mean(1)], -1), g) for tokens, glob in outputs]
         real = [y.mean(dim=1) for y in on_grid] if "fidelity" in self.rewards else []
         reference = self.reference(real) if real else []
         hidden = self.reward_hidden(model, step)
@@ -226,7 +231,7 @@ class VRPO(RewardStatistics, AlignmentObjective):
             if n % g:
                 raise RuntimeError(f"objective.group_size {g} does not divide this micro-batch of {n} images")
             batch = rows(batch, lambda v: v[: n // g])
-        return rows(batch, lambda v: v.repeat_interleave(g, 0)), batch
+        return rows(batch, lambda v: repeat_rows(v, g)), batch
 
     def project_layer(self, hidden: torch.Tensor, position: int) -> list[torch.Tensor]:
         heads = None if self.block_projectors is None or position == 0 else self.block_projectors[position - 1]
