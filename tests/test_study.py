@@ -56,6 +56,11 @@ def test_study_runs_paired_seeds_resumes_and_reports(tmp_path):
     text = report.read_text()
     assert "| repa | sit | fid |" in text and "(n=2)" in text and "## fid against steps" in text
     assert report.with_suffix(".png").is_file()
+    assert (
+        "| repa | semantic | 0.5 +- 0 | 0.5 +- 0 | 0.5 - 0.5 |" in text
+        and "| sit |" not in text.split("## Alignment coefficients")[1].split("##")[0]
+    )
+    assert (tmp_path / "report-coefficients.png").is_file()
     # paired: both methods of a seed start from the same network
     from safetensors.torch import load_file
 

@@ -155,6 +155,17 @@ def test_resume_refuses_a_different_config(tmp_path, tiny_overrides):
     assert train(tiny_cfg(tiny_overrides, "train.max_steps=3"), tmp_path).step == 3  # longer is fine
 
 
+@pytest.mark.parametrize("text,problem", [("model: [unclosed", "not valid YAML"), ("- a list", "mapping")])
+def test_a_corrupt_run_config_is_refused_in_one_line(tmp_path, text, problem):
+    from vrpo.config import ConfigError
+    from vrpo.runs import load_run_config
+
+    (tmp_path / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=problem) as err:
+        load_run_config(tmp_path)
+    assert "\n" not in str(err.value) and "config.yaml" in str(err.value)
+
+
 def _latent_shards(folder: Path, nan_rows: slice) -> Path:
     folder.mkdir()
     g = torch.Generator().manual_seed(0)

@@ -2,8 +2,11 @@
 lambda from the prior-weight variance, the pathwise term on the rewards' own scale, the
 per-timestep baseline, group draws sharing t, the logged coefficients; Prop. 2 and `spec: 1`."""
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from test_vrpo import SMALL, assert_matches_repa, block_grads
 from vrpo.config import load_config
@@ -141,6 +144,28 @@ def test_pathwise_term_is_lambda_w_times_the_rewards_and_coefficients_are_logged
     assert -1.0 <= float(logs["pw_t_corr"]) <= 1.0
     assert all(block_grads(model))
     model.zero_grad(set_to_none=True)
+    # what the study reports: the logged coefficients, and the same from lambda_s and w_k where a log lacks them
+    record = {k: float(v) for k, v in logs.items()}
+    assert vrpo.options.alignment_coefficients(record) == {k: record[f"coef_{k}"] for k in vrpo.rewards}
+    derived = vrpo.options.alignment_coefficients({k: v for k, v in record.items() if not k.startswith("coef_")})
+    assert derived == pytest.approx({k: record[f"coef_{k}"] for k in vrpo.rewards}, rel=1e-6)
+    no_pathwise = build(model, data, "objective.pathwise=false").options  # the rewards then reach only the heads
+    assert no_pathwise.alignment_coefficients(record) == dict.fromkeys(vrpo.rewards, 0.0)
+
+
+def test_runs_saved_before_version_2_read_as_version_1():
+    """An archived main-comparison run (saved with no objective.spec) keeps version 1's meaning: its
+    semantic coefficient lambda_s w_sem / sqrt(v_R) is the ~4.35 of the issue, not v2's lambda_s w_sem."""
+    from vrpo.runs import load_run_config, read_log
+
+    folder = Path("docs/results/regime-t4-lr1e-3-1200/vrpo-tuned/seed0")
+    assert "spec" not in yaml.safe_load((folder / "config.yaml").read_text())["objective"]
+    options = load_run_config(folder).objective
+    assert options.spec == 1 and options.standardize_pathwise and options.stability_fraction == 1.0
+    last = read_log(folder / "log.jsonl")[-1]
+    assert options.alignment_coefficients(last)["semantic"] == pytest.approx(4.35, abs=0.2)
+    v2 = load_run_config("docs/results/v2-tuning-t4-lr1e-3-1200/vrpo-v2-2/seed10").objective
+    assert v2.spec == 2 and not v2.standardize_pathwise
 
 
 def test_advantages_are_taken_against_the_baseline_of_their_timestep(base):

@@ -7,7 +7,10 @@ and synchronised with the network. What a caller may ask of it:
 - ``Options``: its config section (a dataclass). ``families`` lists the model families it
   trains (``flow`` for SiT-*, ``ddpm`` for DiT-*); ``encoder_names`` / ``build_encoders`` the frozen encoders it reads
   and ``cache_root`` where their feature cache lives; ``without_feature_cache`` the same
-  options encoding on the fly (held-out images are not in a training cache).
+  options encoding on the fly (held-out images are not in a training cache);
+  ``alignment_coefficients(record)`` what multiplies each alignment term of the loss in a
+  logged training record (the effective coefficient a comparison reports beside a gain);
+  ``from_saved`` reads a run folder's saved section written by an earlier version.
 - ``noising`` (and ``family``): the forward process it trains on, from the config's model
   family; ``denoise`` runs one noised pass through it, which every method builds on.
 - ``alignment``: its encoder targets and projectors (``AlignmentTargets``), or None.
@@ -52,6 +55,17 @@ class ObjectiveOptions:
 
     def without_feature_cache(self) -> ObjectiveOptions:
         return self
+
+    @classmethod
+    def from_saved(cls, section: dict) -> dict:
+        """A run folder's saved section, perhaps written by an earlier version of the method, in the
+        keys that keep its meaning today (a saved config is resolved: every key it had then is there)."""
+        return section
+
+    def alignment_coefficients(self, record: dict[str, float]) -> dict[str, float]:
+        """{alignment term: the coefficient on it in the loss} for one record of the training log;
+        {} for a method that aligns nothing (or a record that does not say)."""
+        return {}
 
 
 @dataclass

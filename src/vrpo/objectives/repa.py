@@ -14,6 +14,9 @@ class REPAOptions(AlignmentOptions):
     name: str = "repa"
     proj_coeff: float = 0.5  # lambda
 
+    def alignment_coefficients(self, record: dict[str, float]) -> dict[str, float]:
+        return {"semantic": self.proj_coeff}  # VRPO's semantic reward is this term (-L_REPA)
+
 
 class REPA(AlignmentObjective):
     name = "repa"

@@ -11,7 +11,9 @@ from pathlib import Path
 import yaml
 
 from vrpo.config import Config, config_from_dict
+from vrpo.errors import ConfigError
 from vrpo.models import build_model
+from vrpo.objectives import objective_options
 from vrpo.runs.checkpoint import load_weights, step_dirs
 from vrpo.utils.jsonl import read_log
 
@@ -20,7 +22,15 @@ def load_run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-    return config_from_dict(yaml.safe_load(path.read_text()))
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections, got {type(tree).__name__}")
+    section = tree.get("objective") or {"name": "sit"}
+    tree["objective"] = objective_options(section.get("name", "sit")).from_saved(section)
+    return config_from_dict(tree)
 
 
 def load_run_model(run_dir: str | Path, which: str = "ema", device: str = "cpu", step: int | None = None):

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from vrpo.runs import read_log, read_metrics
+from vrpo.config import Config
+from vrpo.runs import load_run_config, read_log, read_metrics
 from vrpo.study.spec import StudySpec, method_config, source_dir
 
 # Below this in-domain RA (an alignment that collapsed) retention is a ratio of two near-zero
@@ -27,6 +27,8 @@ class RunRecord:
     wall_s: float  # training wall time (sum over interruptions)
     representations: dict  # in_domain / transfer -> evaluate_representations result
     log: list[dict] = field(default_factory=list)  # the training log's records
+    # alignment term -> [(step, the coefficient on it in the loss)], from the log through the objective
+    coefficients: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     def value(self, key: str, step: int | None = None):
         """An evaluation metric at ``step`` (default: the last step that has it), a representation
@@ -73,8 +75,19 @@ def training_wall_s(folder: Path, log: list[dict]) -> float:
     return total
 
 
-def read_run(folder: Path, batch_size: int) -> RunRecord:
+def coefficient_curves(options, log: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """alignment term -> [(step, coefficient)] of a run's training log (``options``: its objective's)."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for record in log:
+        for term, value in options.alignment_coefficients(record).items():
+            curves.setdefault(term, []).append((record["step"], float(value)))
+    return curves
+
+
+def read_run(folder: Path, cfg: Config | None) -> RunRecord:
+    """A run's record; ``cfg`` (its config) gives the batch of its step time and its objective."""
     log = read_log(folder / "log.jsonl")
+    batch_size = cfg.train.batch_size if cfg is not None else 0
     rates = [r["images_per_s"] for r in log if r.get("images_per_s")]
     reps, final = folder / "representations.json", folder / "final_eval.json"
     metrics = read_metrics(folder)
@@ -87,6 +100,7 @@ def read_run(folder: Path, batch_size: int) -> RunRecord:
         wall_s=training_wall_s(folder, log),
         representations=json.loads(reps.read_text()) if reps.is_file() else {},
         log=log,
+        coefficients=coefficient_curves(cfg.objective, log) if cfg is not None else {},
     )
 
 
@@ -94,20 +108,17 @@ def collect(spec: StudySpec) -> dict[str, dict[int, RunRecord]]:
     """method -> seed -> run record."""
     out: dict[str, dict[int, RunRecord]] = {}
     for m in spec.methods:
-        batch = batch_size_of(spec, m)
-        out[m] = {s: read_run(source_dir(spec, m, s), batch) for s in spec.seeds}
+        cfg = run_config(spec, m)
+        out[m] = {s: read_run(source_dir(spec, m, s), cfg) for s in spec.seeds}
     return out
 
 
-def batch_size_of(spec: StudySpec, method: str) -> int:
-    """A method's batch; an imported one's from the resolved config its archive holds (0 if none)."""
+def run_config(spec: StudySpec, method: str) -> Config | None:
+    """A method's config; an imported one's from the run folder its archive holds (None if none has one)."""
     if method not in spec.imported:
-        return method_config(spec, method, spec.seeds[0]).train.batch_size
-    for seed in spec.seeds:
-        config = source_dir(spec, method, seed) / "config.yaml"
-        if config.is_file():
-            return int(yaml.safe_load(config.read_text())["train"]["batch_size"])
-    return 0
+        return method_config(spec, method, spec.seeds[0])
+    folders = [source_dir(spec, method, seed) for seed in spec.seeds]
+    return next((load_run_config(f) for f in folders if (f / "config.yaml").is_file()), None)
 
 
 def measured_steps(data, key: str) -> list[int]:

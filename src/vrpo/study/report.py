@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vrpo.study.coefficients import coefficient_lines, plot_coefficients
 from vrpo.study.records import RETENTION_MIN_RA, collect, measured_steps
 from vrpo.study.selection import selection_lines
 from vrpo.study.spec import StudySpec
@@ -150,7 +151,7 @@ def write_report(spec: StudySpec) -> Path:
         "",
     ]
     summary = final_table(spec, data)
-    lines = head + summary + [""] + selection_lines(spec, data) + speedup_lines(spec, data)
+    lines = head + summary + [""] + selection_lines(spec, data) + coefficient_lines(data) + speedup_lines(spec, data)
     for key in spec.report_metrics:
         steps = measured_steps(data, key)
         if len(steps) < 2:  # a single point (a final-only metric) is already in the final table
@@ -181,6 +182,7 @@ def write_report(spec: StudySpec) -> Path:
     ]
     report.write_text("\n".join(lines) + "\n")
     _plot(spec, data, report.with_suffix(".png"))
+    plot_coefficients(data, spec.name, report.with_name(f"{report.stem}-coefficients.png"))
     if spec.index:
         update_index(Path(spec.index), spec, summary, report)
     return report

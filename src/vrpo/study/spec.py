@@ -44,6 +44,7 @@ import yaml
 
 from vrpo.config import build_section, load_config, read_yaml_tree
 from vrpo.errors import ConfigError
+from vrpo.runs import load_run_config
 from vrpo.study.selection import check_selection
 
 
@@ -193,7 +194,7 @@ def archived_final_step(folder: Path, spec: StudySpec | None = None) -> int | No
         or (spec.final and not (folder / "final_eval.json").is_file())
     ):
         return None
-    return int(yaml.safe_load((folder / "config.yaml").read_text())["train"]["max_steps"])
+    return load_run_config(folder).train.max_steps
 
 
 def source_dir(spec: StudySpec, method: str, seed: int) -> Path:

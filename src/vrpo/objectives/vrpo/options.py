@@ -96,6 +96,24 @@ class VRPOOptions(AlignmentOptions):
             if getattr(self, key) is None:
                 setattr(self, key, list(value) if isinstance(value, list) else value)
 
+    @classmethod
+    def from_saved(cls, section: dict) -> dict:
+        # runs saved before version 2 have no spec key: they ran version 1, whatever today's default
+        return section if "spec" in section else {**section, "spec": 1}
+
+    def alignment_coefficients(self, record: dict[str, float]) -> dict[str, float]:
+        """lambda_s w_k per reward (v1: lambda_s w_k / sqrt(v_R)), as logged (coef_k) or, in logs from
+        before it was, from the logged lambda_s, w_k and R_var; 0 with the pathwise path off (the
+        rewards then train only the heads, never the network)."""
+        if "lambda_s" not in record:
+            return {}
+        if not self.pathwise:
+            return {k: 0.0 for k in self.rewards}
+        scale = record["lambda_s"]
+        if self.standardize_pathwise and self.normalize:
+            scale /= math.sqrt(max(record["R_var"], self.variance_eps))
+        return {k: record.get(f"coef_{k}", scale * record[f"w_{k}"]) for k in self.rewards}
+
     def validate(self, cfg) -> None:
         super().validate(cfg)
         if self.spec not in SPEC_DEFAULTS:
