@@ -1,4 +1,4 @@
-"""The ``vrpo`` command: train, sample, cache-features, eval, plot and study."""
+"""The ``vrpo`` command: train, sample, cache-features, import-checkpoint, eval, plot and study."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from vrpo.eval.plot import plot_runs
 from vrpo.eval.representations import RUN_METRICS, evaluate_representations
 from vrpo.eval.sample_metrics import SAMPLE_METRICS, evaluate_samples, metrics_record
 from vrpo.runs import CheckpointError, append_record, newest_checkpoint_step, run_summary
+from vrpo.runs.importing import SOURCES, import_checkpoint
 from vrpo.sample import sample_run
 from vrpo.study import load_study, run_study, write_report
 from vrpo.train import TrainingDiverged, train
@@ -73,6 +74,13 @@ def _cache_features(args) -> int:
         shard_size=args.shard_size,
         batch_size=args.batch_size,
     )
+    return 0
+
+
+def _import_checkpoint(args) -> int:
+    path = import_checkpoint(args.source, args.file, args.out, args.config, args.resolution, args.set)
+    print(f"imported {args.file} ({args.source}) into {args.out}: {path.name}")
+    print(f"  sample it: vrpo sample --run {args.out} --num 64 --out samples.npz")
     return 0
 
 
@@ -183,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=1000)
     p.set_defaults(func=_cache_features)
+
+    p = sub.add_parser("import-checkpoint", help="an official REPA, SiT or DiT checkpoint as a run folder")
+    p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="the code that wrote the file")
+    p.add_argument("file", type=Path, help="the .pt file (a training checkpoint or a bare state dict)")
+    p.add_argument("--out", required=True, type=Path, help="the new run folder")
+    p.add_argument("--config", default=None, help="a config for the run (its model and data keys are set here)")
+    p.add_argument("--resolution", type=int, default=None, help="input size, for a file without pos_embed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_import_checkpoint)
 
     p = sub.add_parser("study", help="run a paired (method x seed) grid and write its report")
     p.add_argument("--config", required=True, help="study YAML, e.g. configs/study/fmnist.yaml")

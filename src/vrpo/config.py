@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from vrpo.conventions import apply_conventions, field_names
 from vrpo.errors import ConfigError
 from vrpo.models import parse_arch
 from vrpo.objectives import objective_options
@@ -71,6 +72,9 @@ class SamplerConfig:
     t_start: float = 1.0
     t_end: float = 0.0
     diffusion_scale: float = 1.0  # SDE: w(t) = diffusion_scale * sigma(t)
+    heun_last_corrector: bool = True  # false: the last Heun step is an Euler step (official REPA/SiT)
+    guidance_at: str = "evaluation"  # guidance interval tested at each evaluation's time, or at the step's start
+    sde_last_from: float | None = None  # SDE: grid linspace(t_start, it, steps) then t_end (REPA: 0.04); None: uniform
 
 
 @dataclass
@@ -94,6 +98,7 @@ class TrainConfig:
     label_dropout: float = 0.1
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step))
+    ema_heads: bool = False  # the EMA covers the objective's heads (projectors) too, as REPA's
     ckpt_every: int = 500
     keep_last: int = 3
     log_every: int = 10
@@ -147,6 +152,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     objective: Any = None  # the selected objective's Options dataclass
+    conventions: str = "vrpo"  # vrpo or official (REPA/SiT's): a set of defaults, vrpo.conventions
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -232,15 +238,23 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def config_from_dict(tree: dict) -> Config:
     tree = dict(tree or {})
-    valid = [*SECTIONS, "objective"]
+    valid = [*SECTIONS, "objective", "conventions"]
     for key in tree:
         if key not in valid:
             raise ConfigError(f"unknown config section '{key}'{_closest(key, valid)}")
+    objective = tree.get("objective") or {"name": "sit"}
+    if not isinstance(objective, dict):
+        raise ConfigError(f"config section 'objective' must be a mapping, got {objective!r}")
+    options_cls = objective_options(objective.get("name", "sit"))
+    tree = apply_conventions({**tree, "objective": objective}, field_names(options_cls))
     sections = {name: build_section(cls, tree.get(name), name) for name, cls in SECTIONS.items()}
-    objective = dict(tree.get("objective") or {"name": "sit"})
+    objective = dict(tree["objective"])
     name = objective.pop("name", "sit")
-    options_cls = objective_options(name)
-    cfg = Config(**sections, objective=build_section(options_cls, {**objective, "name": name}, "objective"))
+    cfg = Config(
+        **sections,
+        objective=build_section(options_cls, {**objective, "name": name}, "objective"),
+        conventions=tree.get("conventions", "vrpo"),
+    )
     validate(cfg)
     return cfg
 
@@ -353,6 +367,14 @@ def validate(cfg: Config) -> None:
     need(
         s.method in SAMPLERS,
         f"sampler.method must be one of {', '.join(SAMPLERS)}, got {s.method!r}",
+    )
+    need(
+        s.guidance_at in ("evaluation", "step"),
+        f"sampler.guidance_at must be evaluation or step, got {s.guidance_at!r}",
+    )
+    need(
+        s.sde_last_from is None or s.t_end < s.sde_last_from < s.t_start,
+        f"sampler.sde_last_from must lie between sampler.t_end and sampler.t_start, got {s.sde_last_from}",
     )
     need(
         len(s.cfg_interval) == 2 and s.cfg_interval[0] <= s.cfg_interval[1],

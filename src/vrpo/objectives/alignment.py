@@ -20,6 +20,7 @@ from vrpo.encoders import build_encoder, pool_tokens, resample_tokens
 from vrpo.encoders.cache import FeatureCache, cache_slug
 from vrpo.errors import ConfigError
 from vrpo.models import SIZES, Projector, parse_arch
+from vrpo.models.heads import PROJECTOR_INITS
 from vrpo.objectives.base import Objective, ObjectiveOptions
 
 
@@ -39,6 +40,7 @@ class AlignmentOptions(ObjectiveOptions):
     encoder_weights: str | None = None  # DINOv2: local checkpoint (hub state dict or transformers folder)
     encoder_depth: int = 0  # block d whose output is aligned; 0: REPA's default for the depth
     projector_width: int = 2048
+    projector_init: str = "default"  # default (PyTorch's) or xavier (uniform weights, zero biases: REPA's code)
     token_grid: str = "resample_targets"  # or pool_model: average the model tokens down to the encoder grid
     resample_mode: str = "bilinear"  # bilinear, area, nearest (resample_targets)
     feature_cache: str | None = None  # cache root built by `vrpo cache-features`; None encodes on the fly
@@ -48,6 +50,10 @@ class AlignmentOptions(ObjectiveOptions):
         if not 0 <= self.encoder_depth <= depth:
             raise ConfigError(
                 f"objective.encoder_depth {self.encoder_depth} is outside blocks 1..{depth} of {cfg.model.arch}"
+            )
+        if self.projector_init not in PROJECTOR_INITS:
+            raise ConfigError(
+                f"objective.projector_init must be one of {', '.join(PROJECTOR_INITS)}, got {self.projector_init!r}"
             )
         if self.token_grid not in ("resample_targets", "pool_model"):
             raise ConfigError(f"objective.token_grid must be resample_targets or pool_model, got {self.token_grid!r}")
@@ -97,7 +103,8 @@ class AlignmentTargets(nn.Module):
         # checkpointed nor handed to the optimizer.
         self.__dict__["encoders"] = build_alignment_encoders(options, cfg.data.resolution)
         self.projectors = nn.ModuleList(
-            Projector(model.hidden_size, e.token_dim, options.projector_width) for e in self.encoders
+            Projector(model.hidden_size, e.token_dim, options.projector_width, options.projector_init)
+            for e in self.encoders
         )
         self.model_grid = (model.grid, model.grid)
         image_hw = (cfg.data.resolution, cfg.data.resolution)

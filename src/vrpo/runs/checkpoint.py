@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 STATE_FILE = "state.json"
 TENSOR_FILES = ("model", "ema", "objective", "optimizer", "rng")
+OPTIONAL_TENSOR_FILES = ("ema_heads",)  # written only by runs that keep them (train.ema_heads)
 FORMAT_VERSION = 1
 
 
@@ -134,8 +135,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     meta: dict,
     keep_last: int,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write the checkpoint of ``step`` atomically and keep the newest ``keep_last``."""
+    """Write the checkpoint of ``step`` atomically and keep the newest ``keep_last``; ``extra``: optional
+    tensor groups (OPTIONAL_TENSOR_FILES) beside the required ones."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(run_dir, step)
@@ -152,6 +155,7 @@ def save_checkpoint(
         "objective": _cpu_state(objective),
         "optimizer": opt_tensors,
         "rng": rng_tensors,
+        **{name: {k: v.detach().cpu().contiguous() for k, v in group.items()} for name, group in (extra or {}).items()},
     }
     hashes = {}
     for name, tensors in groups.items():
@@ -186,7 +190,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {meta.get('format')}, expected {FORMAT_VERSION}")
     tensors = {}
-    for name in TENSOR_FILES:
+    for name in (*TENSOR_FILES, *(n for n in OPTIONAL_TENSOR_FILES if n in meta.get("sha256", {}))):
         file = path / f"{name}.safetensors"
         if not file.is_file():
             raise CheckpointError(f"{file} is missing")

@@ -20,6 +20,15 @@ def ema_decay(step: int, decay: float, warmup: bool) -> float:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    ema_params = list(ema.parameters())
-    params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    update_ema_tensors(list(ema.parameters()), list(model.parameters()), decay)
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of a module's trainable parameters by name (an objective's heads), the start of their EMA."""
+    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def update_ema_tensors(averages: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    if averages:
+        torch._foreach_lerp_(averages, [p.detach() for p in params], 1.0 - decay)

@@ -26,8 +26,15 @@ from vrpo.eval.training import TrainingEvaluator
 from vrpo.models import DiffusionTransformer, build_model
 from vrpo.objectives import Batch, build_objective
 from vrpo.runs import load_run_config, read_metrics
-from vrpo.runs.checkpoint import clean_temporaries, latest_checkpoint, restore_rng, save_checkpoint, unflatten_optimizer
-from vrpo.train.ema import ema_decay, make_ema, update_ema
+from vrpo.runs.checkpoint import (
+    CheckpointError,
+    clean_temporaries,
+    latest_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    unflatten_optimizer,
+)
+from vrpo.train.ema import ema_decay, make_ema, trainable_state, update_ema, update_ema_tensors
 from vrpo.train.logging import RunLogger
 from vrpo.transport import generate
 from vrpo.utils.dist import all_reduce_mean, any_rank, barrier, init_distributed
@@ -159,6 +166,8 @@ class Trainer:
         torch.manual_seed(t.seed + 1)
         self.objective = build_objective(cfg, self.model, self.data).to(self.device)
         self.ema = make_ema(self.model)
+        # REPA's EMA also averages the projectors (train.ema_heads): their copies, in named_parameters order
+        self.ema_heads = trainable_state(self.objective) if t.ema_heads else None
         self.params = [p for p in chain(self.model.parameters(), self.objective.parameters()) if p.requires_grad]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
@@ -185,6 +194,11 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir, log=lambda *_: None)
         if ckpt is None:
             return
+        if "imported_from" in ckpt.meta:
+            raise ConfigError(
+                f"{self.run_dir} was imported from {ckpt.meta['imported_from']['file']} and holds no optimizer "
+                "state: sample or evaluate it (vrpo sample, vrpo eval); resuming its training is not supported"
+            )
         if ckpt.meta.get("data_fingerprint") != self.data.fingerprint:
             raise ConfigError(
                 f"the training data changed since {ckpt.path} was written (fingerprint "
@@ -193,6 +207,11 @@ class Trainer:
             )
         self.model.load_state_dict(ckpt.tensors["model"])
         self.ema.load_state_dict(ckpt.tensors["ema"])
+        if self.ema_heads is not None:
+            if "ema_heads" not in ckpt.tensors or ckpt.tensors["ema_heads"].keys() != self.ema_heads.keys():
+                raise CheckpointError(f"{ckpt.path} holds no EMA of this objective's heads (train.ema_heads=true)")
+            for name, value in ckpt.tensors["ema_heads"].items():
+                self.ema_heads[name].copy_(value)
         self.objective.load_state_dict(ckpt.tensors["objective"])
         self.optimizer.load_state_dict(unflatten_optimizer(ckpt.tensors["optimizer"], ckpt.meta["optimizer"]))
         restore_rng(ckpt.tensors["rng"], ckpt.meta["rng"])
@@ -220,6 +239,7 @@ class Trainer:
                 self.optimizer,
                 meta,
                 self.cfg.train.keep_last,
+                extra={"ema_heads": self.ema_heads} if self.ema_heads is not None else None,
             )
         barrier()
 
@@ -265,7 +285,11 @@ class Trainer:
             self.objective.end_of_step(step, applied=False)
         else:
             self.optimizer.step()
-            update_ema(self.ema, self.model, ema_decay(step, t.ema_decay, t.ema_warmup))
+            decay = ema_decay(step, t.ema_decay, t.ema_warmup)
+            update_ema(self.ema, self.model, decay)
+            if self.ema_heads is not None:
+                heads = [p for _, p in self.objective.named_parameters() if p.requires_grad]
+                update_ema_tensors(list(self.ema_heads.values()), heads, decay)
             self.consecutive_bad = 0
             self.objective.end_of_step(step, applied=True)
         self.step += 1

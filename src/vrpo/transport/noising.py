@@ -112,6 +112,9 @@ class FlowNoising(Noising):
             options["t_end"],
             generator,
             options["diffusion_scale"],
+            options["heun_last_corrector"],
+            options["guidance_at"],
+            options["sde_last_from"],
         )
 
 

@@ -15,10 +15,15 @@ from vrpo.transport.interpolants import Interpolant
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def time_grid(steps: int, t_start: float = 1.0, t_end: float = 0.0) -> torch.Tensor:
+def time_grid(steps: int, t_start: float = 1.0, t_end: float = 0.0, last_from: float | None = None) -> torch.Tensor:
+    """``steps`` + 1 times from t_start to t_end, uniform; with ``last_from``, ``steps`` uniform times
+    from t_start to last_from and then t_end (the official REPA SDE's grid, last_from 0.04)."""
     if steps < 1:
         raise ValueError(f"sampling needs at least one step, got {steps}")
-    return torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
+    if last_from is None:
+        return torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
+    end = torch.tensor([t_end], dtype=torch.float64)
+    return torch.cat([torch.linspace(t_start, last_from, steps, dtype=torch.float64), end])
 
 
 def _full(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -31,13 +36,26 @@ def euler_ode(velocity: VelocityFn, x: torch.Tensor, grid: torch.Tensor) -> torc
     return x
 
 
-def heun_ode(velocity: VelocityFn, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Second-order Heun: Euler predictor, trapezoidal corrector (2 evaluations per step)."""
-    for t, t_next in zip(grid[:-1], grid[1:]):
+def heun_ode(
+    velocity: VelocityFn, x: torch.Tensor, grid: torch.Tensor, last_corrector: bool = True, guide_at_step: bool = False
+) -> torch.Tensor:
+    """Second-order Heun: Euler predictor, trapezoidal corrector (2 evaluations per step).
+
+    ``last_corrector=False`` makes the last step an Euler step; ``guide_at_step`` decides guidance
+    for the corrector at the step's start time (both as the official REPA/SiT sampler).
+    """
+    steps = len(grid) - 1
+    for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
         h = (t_next - t).item()
         v = velocity(x, _full(t, x))
         x_pred = x + h * v
-        x = x + 0.5 * h * (v + velocity(x_pred, _full(t_next, x)))
+        if i == steps - 1 and not last_corrector:
+            return x_pred
+        # a plain v(x, t) is called with two arguments; the step's time decides guidance if asked
+        corrected = (
+            velocity(x_pred, _full(t_next, x), _full(t, x)) if guide_at_step else velocity(x_pred, _full(t_next, x))
+        )
+        x = x + 0.5 * h * (v + corrected)
     return x
 
 
@@ -87,17 +105,19 @@ class GuidedPrediction:
         if cfg_scale != 1.0 and labels is None:
             raise ValueError("classifier-free guidance needs class labels (cfg_scale != 1 on an unconditional model)")
 
-    def raw(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network's guided output (all channels) at interpolant time t."""
+    def raw(self, x: torch.Tensor, t: torch.Tensor, guide_t: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's guided output (all channels) at interpolant time t; guidance applies where
+        ``guide_t`` (default t) lies in the interval."""
         net_t = t * self.time_scale
         if self.cfg_scale == 1.0:
             return self.model(x, net_t, self.labels).prediction
         low, high = self.interval
-        guide = (t >= low) & (t <= high)
+        decide = t if guide_t is None else guide_t
+        guide = (decide >= low) & (decide <= high)
         return self.model.forward_with_cfg(x, net_t, self.labels, self.cfg_scale, guide)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = self.raw(x, t)[:, : x.shape[1]]
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, guide_t: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.raw(x, t, guide_t)[:, : x.shape[1]]
         return self.interpolant.to_velocity(self.prediction, out, x, t)
 
 
@@ -110,13 +130,16 @@ def sample_flow(
     t_end: float = 0.0,
     generator: torch.Generator | None = None,
     diffusion_scale: float = 1.0,
+    heun_last_corrector: bool = True,
+    guidance_at: str = "evaluation",
+    sde_last_from: float | None = None,
 ) -> torch.Tensor:
-    grid = time_grid(steps, t_start, t_end)
     if method == "euler":
-        return euler_ode(guided, noise, grid)
+        return euler_ode(guided, noise, time_grid(steps, t_start, t_end))
     if method == "heun":
-        return heun_ode(guided, noise, grid)
+        return heun_ode(guided, noise, time_grid(steps, t_start, t_end), heun_last_corrector, guidance_at == "step")
     if method == "sde":
+        grid = time_grid(steps, t_start, t_end, sde_last_from)
         if generator is None:
             raise ValueError("the SDE sampler needs a torch.Generator for its noise")
         interp = guided.interpolant

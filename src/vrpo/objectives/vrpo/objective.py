@@ -72,7 +72,9 @@ class VRPO(RewardStatistics, AlignmentObjective):
         self.block_projectors = None
         if o.layer_projectors == "per_block":
             self.block_projectors = nn.ModuleList(
-                nn.ModuleList(Projector(model.hidden_size, e.token_dim, o.projector_width) for e in encoders)
+                nn.ModuleList(
+                    Projector(model.hidden_size, e.token_dim, o.projector_width, o.projector_init) for e in encoders
+                )
                 for _ in self.layers[1:]
             )
         self.global_heads = None
