@@ -44,7 +44,8 @@ def official_pos_embed(dim: int, grid: int) -> torch.Tensor:
     return torch.from_numpy(table).float()[None]
 
 
-def official_state(seed: int) -> dict[str, torch.Tensor]:
+def official_state(seed: int, out_channels: int = CHANNELS, projectors: bool = True) -> dict[str, torch.Tensor]:
+    """SiT's layout (DiT's with out_channels 2C, its learned variance, and no projectors)."""
     g = torch.Generator().manual_seed(seed)
 
     def w(*shape):
@@ -59,8 +60,8 @@ def official_state(seed: int) -> dict[str, torch.Tensor]:
         "t_embedder.mlp.2.weight": w(WIDTH, WIDTH),
         "t_embedder.mlp.2.bias": w(WIDTH),
         "y_embedder.embedding_table.weight": w(CLASSES + 1, WIDTH),
-        "final_layer.linear.weight": w(PATCH * PATCH * CHANNELS, WIDTH),
-        "final_layer.linear.bias": w(PATCH * PATCH * CHANNELS),
+        "final_layer.linear.weight": w(PATCH * PATCH * out_channels, WIDTH),
+        "final_layer.linear.bias": w(PATCH * PATCH * out_channels),
         "final_layer.adaLN_modulation.1.weight": w(2 * WIDTH, WIDTH),
         "final_layer.adaLN_modulation.1.bias": w(2 * WIDTH),
     }
@@ -70,11 +71,15 @@ def official_state(seed: int) -> dict[str, torch.Tensor]:
             "mlp.fc2": (WIDTH, 4 * WIDTH), "adaLN_modulation.1": (6 * WIDTH, WIDTH),
         }.items():  # fmt: skip
             state[f"blocks.{i}.{name}.weight"], state[f"blocks.{i}.{name}.bias"] = w(*shape), w(shape[0])
-    for index, shape in {
-        0: (PROJECTOR_WIDTH, WIDTH),
-        2: (PROJECTOR_WIDTH, PROJECTOR_WIDTH),
-        4: (TARGET_DIM, PROJECTOR_WIDTH),
-    }.items():
+    for index, shape in (
+        {}
+        if not projectors
+        else {
+            0: (PROJECTOR_WIDTH, WIDTH),
+            2: (PROJECTOR_WIDTH, PROJECTOR_WIDTH),
+            4: (TARGET_DIM, PROJECTOR_WIDTH),
+        }.items()
+    ):
         state[f"projectors.0.{index}.weight"], state[f"projectors.0.{index}.bias"] = w(*shape), w(shape[0])
     return state
 
@@ -111,14 +116,14 @@ def official_forward(S, x, t, y):
         h = h + g1[:, None] * linear(S, p + "attn.proj", (weights @ v).transpose(1, 2).reshape(n, -1, WIDTH))
         m = linear(S, p + "mlp.fc1", modulate(norm(h), sh2, sc2))
         h = h + g2[:, None] * linear(S, p + "mlp.fc2", F.gelu(m, approximate="tanh"))
-        if i + 1 == ENCODER_DEPTH:
+        if i + 1 == ENCODER_DEPTH and "projectors.0.0.weight" in S:
             zs.append(
                 linear(S, "projectors.0.4", F.silu(linear(S, "projectors.0.2", F.silu(linear(S, "projectors.0.0", h)))))
             )
     shift, scale = linear(S, "final_layer.adaLN_modulation.1", F.silu(c)).chunk(2, -1)
     out = linear(S, "final_layer.linear", modulate(norm(h), shift, scale))
-    out = out.reshape(n, grid, grid, PATCH, PATCH, CHANNELS)
-    return torch.einsum("nhwpqc->nchpwq", out).reshape(n, CHANNELS, SIZE, SIZE), zs
+    out = out.reshape(n, grid, grid, PATCH, PATCH, -1)
+    return torch.einsum("nhwpqc->nchpwq", out).reshape(n, -1, SIZE, SIZE), zs
 
 
 def guided(S, x, t, y, scale, use):
@@ -311,3 +316,14 @@ def test_the_ema_covers_the_projectors_and_resumes_under_official_conventions(tm
     train(load_config("configs/fmnist/repa-t2.yaml", [*settings, "train.max_steps=3"]), tmp_path / "run")  # resumes
     a, b = (load_file(str(step_dirs(r)[0] / "ema_heads.safetensors")) for r in (straight, tmp_path / "run"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_dit_checkpoint_imports_with_its_integer_times(tmp_path):
+    state = official_state(2, out_channels=2 * CHANNELS, projectors=False)
+    torch.save({"model": state, "ema": state, "opt": {}, "args": argparse.Namespace(), "steps": 3}, tmp_path / "dit.pt")
+    import_checkpoint("dit", tmp_path / "dit.pt", tmp_path / "run")
+    cfg, model, _ = load_run_model(tmp_path / "run", "ema")
+    assert cfg.model.arch == "DiT-T/4" and cfg.conventions == "vrpo" and model.learn_sigma
+    x, _, y = inputs(4)
+    t = torch.tensor([0, 250, 500, 999])  # DiT's network sees the diffusion step index
+    assert (model(x, t, y).prediction - official_forward(state, x, t, y)[0]).abs().max() < 1e-5

@@ -156,6 +156,7 @@ def import_checkpoint(
         f"data.resolution={resolution}",
         *(["data.name=tensors"] if shape["channels"] == 4 else []),  # SD-VAE latents
         *(["conventions=official"] if source != "dit" else []),
+        *(["objective={name: ddpm}", "sampler.method=ddpm"] if source == "dit" and config is None else []),
     ]
     cfg = load_config(config, [*settings, *overrides])
     build = dict(mlp_ratio=shape["mlp_ratio"], qk_norm=shape["qk_norm"])
