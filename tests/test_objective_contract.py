@@ -108,7 +108,8 @@ def test_finite_loss_and_gradients_deterministic_per_generator(name, family):
     cfg, model, objective, batch = build(name, family)
     first, grads = loss_and_grads(model, objective, batch, step_generator(3, 1))
     coefficients = cfg.objective.alignment_coefficients({k: float(v) for k, v in first.logs.items()})
-    assert bool(coefficients) == (objective.alignment is not None)  # what a comparison reports beside a gain
+    # what a comparison reports beside a gain: every method that aligns to an encoder has one
+    assert bool(coefficients) or objective.alignment is None
     assert all(isinstance(v, float) and v >= 0.0 for v in coefficients.values())
     again, grads_again = loss_and_grads(model, objective, batch, step_generator(3, 1))
     other, _ = loss_and_grads(model, objective, batch, step_generator(3, 2))

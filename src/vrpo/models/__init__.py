@@ -1,6 +1,6 @@
 """Networks: the SiT/DiT transformer and the projector heads that alignment methods train."""
 
-from vrpo.models.heads import Projector
+from vrpo.models.heads import ConvProjector, Projector
 from vrpo.models.transformer import (
     SIZES,
     DiffusionTransformer,
@@ -10,4 +10,13 @@ from vrpo.models.transformer import (
     parse_arch,
 )
 
-__all__ = ["SIZES", "DiffusionTransformer", "ModelOutput", "Projector", "build_model", "model_names", "parse_arch"]
+__all__ = [
+    "SIZES",
+    "ConvProjector",
+    "DiffusionTransformer",
+    "ModelOutput",
+    "Projector",
+    "build_model",
+    "model_names",
+    "parse_arch",
+]

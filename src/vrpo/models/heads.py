@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 PROJECTOR_INITS = ("default", "xavier")
@@ -29,3 +30,20 @@ class Projector(nn.Module):
 
     def forward(self, tokens):
         return self.net(tokens)
+
+
+class ConvProjector(nn.Module):
+    """iREPA's projector: one k x k convolution over the token grid (no activation), so that each
+    projected token also sees its neighbours. Tokens [B, g*g, D] in, [B, g*g, D_out] out."""
+
+    def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, int], kernel: int = 3):
+        super().__init__()
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"the convolutional projector needs an odd kernel, got {kernel}")
+        self.grid = grid
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel, padding=kernel // 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, n, d = tokens.shape
+        image = tokens.transpose(1, 2).reshape(b, d, *self.grid)
+        return self.conv(image).flatten(2).transpose(1, 2)

@@ -18,6 +18,9 @@ _MODULES = {
     "ddpm": ("vrpo.objectives.ddpm", "DDPM"),
     "repa": ("vrpo.objectives.repa", "REPA"),
     "vrpo": ("vrpo.objectives.vrpo", "VRPO"),
+    "irepa": ("vrpo.objectives.irepa", "IREPA"),
+    "layersync": ("vrpo.objectives.layersync", "LayerSync"),
+    "dispersive": ("vrpo.objectives.dispersive", "Dispersive"),
 }
 
 

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from vrpo.encoders import build_encoder, pool_tokens, resample_tokens
 from vrpo.encoders.cache import FeatureCache, cache_slug
 from vrpo.errors import ConfigError
-from vrpo.models import SIZES, Projector, parse_arch
+from vrpo.models import SIZES, ConvProjector, Projector, parse_arch
 from vrpo.models.heads import PROJECTOR_INITS
-from vrpo.objectives.base import Objective, ObjectiveOptions
+from vrpo.objectives.base import Objective
+from vrpo.objectives.schedules import ScheduledOptions
 
 
 def default_encoder_depth(depth: int) -> int:
@@ -34,18 +35,23 @@ def default_encoder_depth(depth: int) -> int:
 
 
 @dataclass
-class AlignmentOptions(ObjectiveOptions):
+class AlignmentOptions(ScheduledOptions):
     encoders: list[str] = field(default_factory=lambda: ["efficientnet-lite0"])
     encoder_input_size: int = 0  # 0: the encoder's default (EfficientNet 256; DINOv2 224 * res / 256)
     encoder_weights: str | None = None  # DINOv2: local checkpoint (hub state dict or transformers folder)
     encoder_depth: int = 0  # block d whose output is aligned; 0: REPA's default for the depth
     projector_width: int = 2048
     projector_init: str = "default"  # default (PyTorch's) or xavier (uniform weights, zero biases: REPA's code)
+    projector: str = "mlp"  # mlp (REPA's 3 linears) or conv (iREPA: one projector_kernel^2 convolution on the grid)
+    projector_kernel: int = 3
+    target_norm: str = "none"  # spatial (iREPA): tokens minus alpha x their mean over positions, over their std
+    target_norm_alpha: float = 0.6
     token_grid: str = "resample_targets"  # or pool_model: average the model tokens down to the encoder grid
     resample_mode: str = "bilinear"  # bilinear, area, nearest (resample_targets)
     feature_cache: str | None = None  # cache root built by `vrpo cache-features`; None encodes on the fly
 
     def validate(self, cfg) -> None:
+        super().validate(cfg)
         depth = SIZES[parse_arch(cfg.model.arch)[1]][1]
         if not 0 <= self.encoder_depth <= depth:
             raise ConfigError(
@@ -55,6 +61,13 @@ class AlignmentOptions(ObjectiveOptions):
             raise ConfigError(
                 f"objective.projector_init must be one of {', '.join(PROJECTOR_INITS)}, got {self.projector_init!r}"
             )
+        if self.projector not in ("mlp", "conv") or self.target_norm not in ("none", "spatial"):
+            raise ConfigError(
+                f"objective.projector must be mlp or conv and objective.target_norm none or spatial, got "
+                f"{self.projector!r}, {self.target_norm!r}"
+            )
+        if self.projector == "conv" and (self.projector_kernel < 1 or self.projector_kernel % 2 == 0):
+            raise ConfigError(f"objective.projector_kernel must be odd and >= 1, got {self.projector_kernel}")
         if self.token_grid not in ("resample_targets", "pool_model"):
             raise ConfigError(f"objective.token_grid must be resample_targets or pool_model, got {self.token_grid!r}")
         if self.resample_mode not in ("bilinear", "area", "nearest"):
@@ -102,10 +115,7 @@ class AlignmentTargets(nn.Module):
         # Encoders are frozen and large: kept out of the module tree so they are neither
         # checkpointed nor handed to the optimizer.
         self.__dict__["encoders"] = build_alignment_encoders(options, cfg.data.resolution)
-        self.projectors = nn.ModuleList(
-            Projector(model.hidden_size, e.token_dim, options.projector_width, options.projector_init)
-            for e in self.encoders
-        )
+        self.projectors = nn.ModuleList(build_projector(options, model, e.token_dim) for e in self.encoders)
         self.model_grid = (model.grid, model.grid)
         image_hw = (cfg.data.resolution, cfg.data.resolution)
         self.encoder_grids = [tuple(e.grid_for(image_hw)) for e in self.encoders]
@@ -155,6 +165,8 @@ class AlignmentTargets(nn.Module):
         """``targets`` from encoder outputs already at hand (VRPO also reads their global vectors)."""
         out = []
         for (tokens, _), grid in zip(outputs, self.encoder_grids):
+            if self.options.target_norm == "spatial":
+                tokens = spatial_normalize(tokens, self.options.target_norm_alpha)
             if grid != self.model_grid and self.options.token_grid == "resample_targets":
                 tokens = resample_tokens(tokens, grid, self.model_grid, self.options.resample_mode)
             out.append(tokens)
@@ -177,6 +189,23 @@ class AlignmentTargets(nn.Module):
     def cosine(projected: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
         """Per-sample mean over tokens of cos(phi(h), y), averaged over encoders: [B]."""
         return torch.stack([token_cosine(z, y).mean(dim=1) for z, y in zip(projected, targets)]).mean(dim=0)
+
+
+def build_projector(options: AlignmentOptions, model, out_dim: int) -> nn.Module:
+    """The configured head from the model's block width to an encoder's token width."""
+    if options.projector == "conv":
+        return ConvProjector(model.hidden_size, out_dim, (model.grid, model.grid), options.projector_kernel)
+    return Projector(model.hidden_size, out_dim, options.projector_width, options.projector_init)
+
+
+def spatial_normalize(tokens: torch.Tensor, alpha: float, eps: float = 1e-6) -> torch.Tensor:
+    """iREPA's targets: per image and channel, (y - alpha mean_T y) / (std_T y + eps) over the token
+    positions. A channel constant over the positions (a post-activation EfficientNet channel often is)
+    carries no spatial structure and becomes 0: divided by eps it would be ~1e6 and own the cosine."""
+    std = tokens.std(dim=1, keepdim=True)
+    constant = std <= 1e-5 * tokens.abs().amax(dim=1, keepdim=True)
+    normalised = (tokens - alpha * tokens.mean(dim=1, keepdim=True)) / (std + eps)
+    return normalised.masked_fill(constant, 0.0)
 
 
 def token_cosine(z: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -18,7 +18,9 @@ and synchronised with the network. What a caller may ask of it:
 - ``loss(model, batch, generator)``: the scalar to minimise and the numbers to log. All
   randomness comes from ``generator``, which the loop keys on (seed, step, micro-batch),
   so runs resume exactly and methods with one seed are paired.
-- hooks: ``end_of_step`` after every optimizer step, ``warnings`` on every logged record,
+- hooks: ``start_of_step(step)`` before every optimizer step (``self.step``: the step being
+  taken, for schedules; set from the loop's counter, so a resumed run has it too),
+  ``end_of_step`` after every optimizer step, ``warnings`` on every logged record,
   ``finalize`` at the end of a run.
 """
 
@@ -114,6 +116,7 @@ class Objective(nn.Module):
         self.family = self.noising.family
         self.label_dropout = cfg.train.label_dropout
         self.null_class = model.null_class
+        self.step = 0  # the optimizer step being taken (start_of_step)
 
     def hidden_layers(self) -> tuple[int, ...]:
         """Blocks whose outputs this method reads (1-based)."""
@@ -135,6 +138,10 @@ class Objective(nn.Module):
     def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> LossOutput:
         step = self.denoise(model, batch, generator)
         return LossOutput(step.per_sample_loss.mean(), step.logs())
+
+    def start_of_step(self, step: int) -> None:
+        """Hook before each optimizer step (0-based ``step``), before its losses."""
+        self.step = step
 
     def end_of_step(self, step: int, applied: bool) -> None:
         """Hook after each step; ``applied`` is False when the step was skipped as non-finite."""

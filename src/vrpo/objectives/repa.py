@@ -15,7 +15,8 @@ class REPAOptions(AlignmentOptions):
     proj_coeff: float = 0.5  # lambda
 
     def alignment_coefficients(self, record: dict[str, float]) -> dict[str, float]:
-        return {"semantic": self.proj_coeff}  # VRPO's semantic reward is this term (-L_REPA)
+        # VRPO's semantic reward is this term (-L_REPA)
+        return {"semantic": self.proj_coeff * self.logged_scale(record)}
 
 
 class REPA(AlignmentObjective):
@@ -24,8 +25,12 @@ class REPA(AlignmentObjective):
 
     def loss(self, model, batch, generator) -> LossOutput:
         step = self.denoise(model, batch, generator)
+        denoise = step.per_sample_loss.mean()
+        weight = self.options.proj_coeff * self.options.alignment_scale(self.step)
+        if weight == 0.0:  # a schedule switched the alignment off: SiT's loss, no projector or encoder pass
+            return LossOutput(denoise, {**step.logs(), "loss_denoise": denoise.detach(), "loss_align": 0.0})
         targets = self.alignment.targets(batch)
         similarity = self.alignment.cosine(self.alignment.project(step.hidden[self.alignment.depth]), targets)
-        denoise, align = step.per_sample_loss.mean(), -similarity.mean()
-        loss = denoise + self.options.proj_coeff * align
+        align = -similarity.mean()
+        loss = denoise + weight * align
         return LossOutput(loss, {**step.logs(), "loss_denoise": denoise.detach(), "loss_align": align.detach()})

@@ -257,6 +257,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
+        self.objective.start_of_step(step)
         micro = self._micro_batches(step)
         logs: dict[str, torch.Tensor] = {}
         for m, index in enumerate(micro):

@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 
 from vrpo.errors import ConfigError
-from vrpo.models import Projector
-from vrpo.objectives.alignment import AlignmentObjective
+from vrpo.objectives.alignment import AlignmentObjective, build_projector
 from vrpo.objectives.base import Batch, DenoisingStep, LossOutput
 from vrpo.objectives.vrpo.diagnostics import dominant_weight, gradient_shares, plot_vrpo
 from vrpo.objectives.vrpo.options import REWARDS, VRPOOptions, layer_plan, micro_batch
@@ -72,10 +71,7 @@ class VRPO(RewardStatistics, AlignmentObjective):
         self.block_projectors = None
         if o.layer_projectors == "per_block":
             self.block_projectors = nn.ModuleList(
-                nn.ModuleList(
-                    Projector(model.hidden_size, e.token_dim, o.projector_width, o.projector_init) for e in encoders
-                )
-                for _ in self.layers[1:]
+                nn.ModuleList(build_projector(o, model, e.token_dim) for e in encoders) for _ in self.layers[1:]
             )
         self.global_heads = None
         if "semantic" in self.rewards and o.semantic != "patch":
@@ -115,6 +111,7 @@ class VRPO(RewardStatistics, AlignmentObjective):
         prior = o.lambda_variance == "prior"  # lambda from R under the prior weights: w cannot move it
         lam = self.lambda_s(self.prior_variance((self.prior_weights()[:, None] * samples).sum(0)) if prior else v_R)
         scale = lam / v_R.sqrt() if o.standardize_pathwise and o.normalize else lam
+        scale = scale * o.alignment_scale(self.step)  # the alignment schedule (1 unless one is set)
         reward_terms = (-scale * w).float() * batch_values.float()  # each component's pathwise term
         align = reward_terms.sum()
         if o.standardize_pathwise and o.normalize:  # centre with the running mean (a constant: value only)

@@ -109,7 +109,7 @@ class VRPOOptions(AlignmentOptions):
             return {}
         if not self.pathwise:
             return {k: 0.0 for k in self.rewards}
-        scale = record["lambda_s"]
+        scale = record["lambda_s"] * self.logged_scale(record)
         if self.standardize_pathwise and self.normalize:
             scale /= math.sqrt(max(record["R_var"], self.variance_eps))
         return {k: record.get(f"coef_{k}", scale * record[f"w_{k}"]) for k in self.rewards}
