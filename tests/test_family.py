@@ -97,3 +97,27 @@ def test_irepa_targets_are_spatially_normalised_and_its_projector_sees_neighbour
     constant = tokens.clone()
     constant[:, :, 2] = 7.0
     assert torch.equal(spatial_normalize(constant, 0.6)[:, :, 2], torch.zeros(2, 16))
+
+
+def test_sra_teacher_is_the_ema_network_at_a_less_noisy_time_and_gets_no_gradient():
+    from vrpo.train.ema import make_ema
+
+    _, model, sra, batch = build("sra", "flow")
+    assert (sra.source, sra.target) == (2, 4)  # 8/28 and 20/28 of 6 blocks
+    ema = make_ema(model)
+    sra.bind_ema(ema)
+    times = []
+    original = sra.noising.earlier
+    sra.noising.earlier = lambda t, delta: times.append((t, out := original(t, delta))) or out
+    first, grads = loss_and_grads(model, sra, batch, step_generator(0, 0))
+    t, t_teacher = times[0]
+    assert (t_teacher <= t).all() and (t - t_teacher <= 0.2 + 1e-6).all() and (t_teacher >= 0).all()
+    assert all(p.grad is None for p in ema.parameters()) and grads["objective.head.0.weight"].abs().sum() > 0
+    with torch.no_grad():
+        for p in ema.blocks[0].parameters():
+            p.add_(0.1)
+    again, _ = loss_and_grads(model, sra, batch, step_generator(0, 0))
+    assert not torch.equal(first.loss, again.loss)  # the target comes from the EMA weights
+    sra.bind_ema(model)  # the online network as its own teacher: another target, the same student
+    third, _ = loss_and_grads(model, sra, batch, step_generator(0, 0))
+    assert not torch.equal(third.loss, again.loss)

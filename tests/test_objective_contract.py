@@ -16,6 +16,7 @@ from vrpo.models import build_model
 from vrpo.objectives import Batch, available_objectives, build_objective, objective_options
 from vrpo.runs.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from vrpo.train import train
+from vrpo.train.ema import make_ema
 from vrpo.utils.images import to_model_space
 
 pytest.importorskip("efficientnet_lite_pytorch", reason="EfficientNet-Lite0 weights for the alignment methods")
@@ -72,6 +73,7 @@ def build(name: str, family: str):
             p.add_(0.02 * torch.randn_like(p))
     torch.manual_seed(1)
     objective = build_objective(cfg, model, data)
+    objective.bind_ema(make_ema(model))  # as the loop does (SRA's teacher)
     index = torch.arange(8)
     batch = Batch(to_model_space(data.images[index]), data.labels[index], data.images[index], index)
     return cfg, model, objective, batch

@@ -21,6 +21,7 @@ _MODULES = {
     "irepa": ("vrpo.objectives.irepa", "IREPA"),
     "layersync": ("vrpo.objectives.layersync", "LayerSync"),
     "dispersive": ("vrpo.objectives.dispersive", "Dispersive"),
+    "sra": ("vrpo.objectives.sra", "SRA"),
 }
 
 

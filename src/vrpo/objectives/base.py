@@ -18,6 +18,8 @@ and synchronised with the network. What a caller may ask of it:
 - ``loss(model, batch, generator)``: the scalar to minimise and the numbers to log. All
   randomness comes from ``generator``, which the loop keys on (seed, step, micro-batch),
   so runs resume exactly and methods with one seed are paired.
+- ``bind_ema(ema)``: the loop hands every objective its EMA network once (SRA's teacher);
+  an objective keeps it out of its module tree, so it is neither optimised nor checkpointed.
 - hooks: ``start_of_step(step)`` before every optimizer step (``self.step``: the step being
   taken, for schedules; set from the loop's counter, so a resumed run has it too),
   ``end_of_step`` after every optimizer step, ``warnings`` on every logged record,
@@ -138,6 +140,9 @@ class Objective(nn.Module):
     def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> LossOutput:
         step = self.denoise(model, batch, generator)
         return LossOutput(step.per_sample_loss.mean(), step.logs())
+
+    def bind_ema(self, ema: nn.Module) -> None:
+        """The training loop's EMA network (the same module all run long); unused by default."""
 
     def start_of_step(self, step: int) -> None:
         """Hook before each optimizer step (0-based ``step``), before its losses."""

@@ -166,6 +166,7 @@ class Trainer:
         torch.manual_seed(t.seed + 1)
         self.objective = build_objective(cfg, self.model, self.data).to(self.device)
         self.ema = make_ema(self.model)
+        self.objective.bind_ema(self.ema)  # restored in place below: the binding stays valid
         # REPA's EMA also averages the projectors (train.ema_heads): their copies, in named_parameters order
         self.ema_heads = trainable_state(self.objective) if t.ema_heads else None
         self.params = [p for p in chain(self.model.parameters(), self.objective.parameters()) if p.requires_grad]

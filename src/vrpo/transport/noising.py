@@ -41,8 +41,9 @@ class Noising:
         """Times as the fraction of the way from data (0) to noise (1), float."""
         raise NotImplementedError  # abstract
 
-    def earlier(self, t: torch.Tensor, delta: float) -> torch.Tensor:
-        """Times ``delta`` (a fraction of the range) closer to the data, clamped at the data end."""
+    def earlier(self, t: torch.Tensor, delta: float | torch.Tensor) -> torch.Tensor:
+        """Times ``delta`` (a fraction of the range; a float or one per sample) closer to the data,
+        clamped at the data end."""
         raise NotImplementedError  # abstract
 
     def add_noise(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -135,7 +136,8 @@ class DDPMNoising(Noising):
         return t.float() / (self.diffusion.num_timesteps - 1)
 
     def earlier(self, t, delta):
-        return (t - round(delta * self.diffusion.num_timesteps)).clamp_min(0)
+        shift = torch.as_tensor(delta * self.diffusion.num_timesteps, device=t.device).round().long()
+        return (t - shift).clamp_min(0)
 
     def add_noise(self, x, noise, t):
         return self.diffusion.q_sample(x, t, noise)
