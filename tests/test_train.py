@@ -91,6 +91,28 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, tiny_overrides):
     assert_bit_identical(final_weights(reference), final_weights(killed))
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_writes_a_checkpoint_at_the_current_step_and_a_rerun_resumes(tmp_path, tiny_overrides, stop):
+    steps = ["train.max_steps=40", "train.ckpt_every=1000", "train.log_every=1"]
+    run = tmp_path / "run"
+    proc = cli(run, tiny_overrides, *steps)
+    log = run / "log.jsonl"
+    deadline = time.time() + 240
+    while (
+        time.time() < deadline and proc.poll() is None and len(log.read_text().splitlines() if log.exists() else []) < 3
+    ):
+        time.sleep(0.05)
+    proc.send_signal(stop)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + stop, out
+    stopped_at = int(out.split(" at step ")[1].split(":")[0])
+    assert f"stopped by {signal.Signals(stop).name} at step {stopped_at}: checkpoint written" in out
+    assert [int(d.name[5:]) for d in step_dirs(run)] == [stopped_at] and 3 <= stopped_at < 40  # not a ckpt_every step
+    proc = cli(run, tiny_overrides, *steps)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and f"from step {stopped_at}" in out, out
+
+
 KILL_IN_SAVE = """
 import os, signal, sys
 import vrpo.runs.checkpoint as ck

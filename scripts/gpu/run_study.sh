@@ -22,8 +22,8 @@ mkdir -p "$logs"
 start=$(date +%s)
 for pair in "$@"; do
   method=${pair%%:*} seed=${pair##*:}
-  # stopped at the budget (TERM, then KILL): a background job of a script ignores SIGINT; its log
-  # up to the stop comes back, its checkpoints do not (too large), so plan whole runs per call
+  # stopped at the budget (TERM, then KILL 30 s later): TERM writes a checkpoint at the current step;
+  # the log up to the stop comes back, the checkpoints do not (too large), so plan whole runs per call
   timeout --kill-after=30 "$budget" \
     python3 -m vrpo.cli study --config "$study" --methods "$method" --seeds "$seed" >"$logs/$method-seed$seed.txt" 2>&1 &
 done

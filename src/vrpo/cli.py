@@ -21,6 +21,7 @@ from vrpo.runs.importing import SOURCES, import_checkpoint
 from vrpo.sample import sample_run
 from vrpo.study import load_study, run_study, write_report
 from vrpo.train import TrainingDiverged, train
+from vrpo.train.stopping import TrainingStopped
 from vrpo.transport.noising import SAMPLERS
 from vrpo.utils.dist import is_main
 
@@ -313,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except TrainingStopped as stop:  # a signal: the loop wrote its checkpoint first
+        print(f"error: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

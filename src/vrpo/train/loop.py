@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from vrpo.runs.checkpoint import (
 )
 from vrpo.train.ema import ema_decay, make_ema, trainable_state, update_ema, update_ema_tensors
 from vrpo.train.logging import RunLogger
+from vrpo.train.stopping import StopRequest, TrainingStopped
 from vrpo.transport import generate
 from vrpo.utils.dist import all_reduce_mean, any_rank, barrier, init_distributed
 from vrpo.utils.images import save_grid, to_model_space, to_uint8
@@ -348,11 +350,24 @@ class Trainer:
             dynamic_ncols=True,
             desc="train",
         )
+        if self.step and self.eval_due() and self.step not in read_metrics(self.run_dir):
+            self.evaluate()  # the run was stopped between its checkpoint and its evaluation
+        with StopRequest() as stop:
+            last = self._steps(bar, stop)
+        bar.close()
+        samples = self.sample_grid()
+        curve = self.logger.plot_loss(self.run_dir / "loss_curve.png") if self.main else None
+        if self.main:
+            self.objective.finalize(self.run_dir)
+        self.logger.close()
+        return TrainResult(self.run_dir, self.step, self.skipped, last["loss"], samples, curve)
+
+    def _steps(self, bar, stop: StopRequest) -> dict[str, float]:
+        """Train up to max_steps (logging, checkpoints, evaluations); stop cleanly on a signal."""
+        t = self.cfg.train
         window: dict[str, float] = {}
         window_steps, window_start = 0, time.perf_counter()
         last = {"loss": float("nan")}
-        if self.step and self.eval_due() and self.step not in read_metrics(self.run_dir):
-            self.evaluate()  # the run was stopped between its checkpoint and its evaluation
         while self.step < t.max_steps:
             last = self.train_one_step()
             if self.consecutive_bad >= t.max_nonfinite:
@@ -375,19 +390,22 @@ class Trainer:
                 self.report_warnings(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}", refresh=False)
                 window, window_steps, window_start = {}, 0, time.perf_counter()
-            if self.step % t.ckpt_every == 0 or self.step == t.max_steps or self.eval_due():
+            saved = self.step % t.ckpt_every == 0 or self.step == t.max_steps or self.eval_due()
+            if saved:
                 self.save()
             if self.eval_due():
                 self.evaluate()
             if t.sample_every and self.step % t.sample_every == 0 and self.step != t.max_steps:
                 self.sample_grid()
-        bar.close()
-        samples = self.sample_grid()
-        curve = self.logger.plot_loss(self.run_dir / "loss_curve.png") if self.main else None
-        if self.main:
-            self.objective.finalize(self.run_dir)
-        self.logger.close()
-        return TrainResult(self.run_dir, self.step, self.skipped, last["loss"], samples, curve)
+            if any_rank(stop.signum is not None, self.device):
+                if not saved:
+                    self.save()
+                name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
+                raise TrainingStopped(
+                    f"stopped by {name} at step {self.step}: checkpoint written; rerun the same command to resume",
+                    stop.signum or signal.SIGTERM,
+                )
+        return last
 
 
 def train(cfg: Config, run_dir: str | Path) -> TrainResult:
