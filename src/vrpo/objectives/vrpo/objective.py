@@ -31,6 +31,7 @@ from vrpo.objectives.vrpo.rewards import (
     policy_weights,
 )
 from vrpo.objectives.vrpo.statistics import RewardStatistics
+from vrpo.utils.dist import all_reduce_mean
 
 
 def repeat_rows(x: torch.Tensor, g: int) -> torch.Tensor:
@@ -87,9 +88,16 @@ class VRPO(RewardStatistics, AlignmentObjective):
         self.time_groups = o.group_size if o.advantage_baseline == "timestep" else 1
         self.share_names = ["denoise", "align", *self.rewards]
         self.register_buffer("grad_share", torch.zeros(len(self.share_names)))  # last measurement, logged every step
+        self._pending_shares: list[torch.Tensor] = []  # this step's measurements, one per micro-batch
 
     def hidden_layers(self) -> tuple[int, ...]:
         return () if self.second_pass else tuple(self.layers)
+
+    def end_of_step(self, step: int, applied: bool) -> None:
+        shares, self._pending_shares = self._pending_shares, []
+        if shares:  # the global batch's: the mean over micro-batches and ranks, as the statistics
+            self.grad_share.copy_(all_reduce_mean(torch.stack(shares).mean(0)))
+        super().end_of_step(step, applied)
 
     # ------------------------------------------------------------ the loss
 
@@ -127,8 +135,7 @@ class VRPO(RewardStatistics, AlignmentObjective):
         if torch.is_grad_enabled():  # a training pass (not an evaluation under no_grad)
             self.record(batch_values, samples, total, real, bins)
             if o.grad_share_every and self.counts()["steps"] % o.grad_share_every == 0:
-                shares = gradient_shares(model.blocks[self.grad_block - 1], denoise, reward_terms)
-                self.grad_share.copy_(shares)
+                self._pending_shares.append(gradient_shares(model.blocks[self.grad_block - 1], denoise, reward_terms))
         logs = {
             **step.logs(),
             "loss_denoise": denoise.detach(),
