@@ -116,7 +116,14 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
     assert (tmp_path / "report.md").read_text() == text
     index = (tmp_path / "results.md").read_text()
     assert index.count("<!-- study:tiny -->") == 1 and "Hand-written notes stay." in index
-    # another study with a run of the same resolved config reuses that run's archive
+    # another study with a run of the same resolved config reuses that run's archive, also when it was
+    # archived by an earlier version, before keys with behaviour-keeping defaults existed
+    import yaml
+
+    saved = archive.parent / "seed0" / "config.yaml"
+    tree = yaml.safe_load(saved.read_text())
+    del tree["conventions"], tree["objective"]["schedule"], tree["train"]["ema_heads"]
+    saved.write_text(yaml.safe_dump(tree, sort_keys=False))
     twin = write_study(
         tmp_path,
         {"repa": [], "sit": ["objective={name: sit}"], "sit-lr": ["objective={name: sit}", "optim.lr=2e-3"]},

@@ -212,10 +212,12 @@ def archived_twin(spec: StudySpec, cfg, seed: int) -> Path | None:
     want = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     for config in sorted(own.parent.glob(f"*/*/seed{seed}/config.yaml")):
         folder = config.parent
+        # read as a run folder: keys added since it was written take their defaults, which keep the
+        # behaviour it ran with (and a VRPO run from before version 2 reads as spec 1)
         if (
             folder.parents[1] != own
             and archived_final_step(folder) == cfg.train.max_steps
-            and yaml.safe_load(config.read_text()) == want
+            and yaml.safe_load(yaml.safe_dump(load_run_config(folder).to_dict(), sort_keys=False)) == want
         ):
             return folder
     return None
