@@ -72,6 +72,8 @@ def test_dispersive_loss_is_the_b2_log_mean_exp_and_pushes_samples_apart():
     assert torch.isfinite(h.grad).all()
     spread = torch.pdist(z.detach()).mean()
     assert torch.pdist((h - 0.5 * h.grad).flatten(1).detach()).mean() > spread  # descent repels
+    spread_out = [float(dispersive_loss(scale * h.detach(), 0.5)) for scale in (0.5, 1.0, 2.0)]
+    assert spread_out[0] > spread_out[1] > spread_out[2]  # the term falls as the states spread
     _, _, objective, _ = build("dispersive", "flow")
     assert objective.alignment is None and objective.hidden_layers() == (1,)  # block depth // 4 of 6
 
