@@ -22,6 +22,8 @@ CASES = {  # method -> (config, overrides)
     "sit": ("configs/fmnist/sit-t2.yaml", []),
     "dit": ("configs/fmnist/dit-t2.yaml", ["model.arch=DiT-T/8"]),
     "repa": ("configs/fmnist/repa-t2.yaml", ALIGN),
+    # the alignment stops after step 2: the projectors then get no gradient, DDP must not wait for them
+    "repa-stop": ("configs/fmnist/repa-t2.yaml", [*ALIGN, "objective.schedule=stop", "objective.schedule_end=2"]),
     "vrpo": ("configs/fmnist/vrpo-t2.yaml", [*ALIGN, "objective.warmup_steps=2", "objective.grad_share_every=2"]),
 }
 

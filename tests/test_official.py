@@ -273,6 +273,10 @@ def test_import_is_strict_and_says_what_does_not_fit(tmp_path):
     torch.save(state, tmp_path / "last.pt")  # a bare state dict, as REPA's released last.pt
     with pytest.raises(CheckpointError, match=r"missing \['blocks.3.mlp.fc2.bias'\]"):
         import_checkpoint("repa", tmp_path / "last.pt", tmp_path / "run")
+    sit = official_state(0, out_channels=2 * CHANNELS, projectors=False)  # willisma/SiT: learned sigma
+    torch.save(sit, tmp_path / "sit.pt")
+    with pytest.raises(CheckpointError, match="willisma/SiT checkpoint.*time runs the other way"):
+        import_checkpoint("sit", tmp_path / "sit.pt", tmp_path / "run")
     torch.save(official_state(0), tmp_path / "last.pt")
     with pytest.raises(CheckpointError, match="--from repa"):
         import_checkpoint("sit", tmp_path / "last.pt", tmp_path / "run")

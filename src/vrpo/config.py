@@ -373,7 +373,7 @@ def validate(cfg: Config) -> None:
         f"sampler.guidance_at must be evaluation or step, got {s.guidance_at!r}",
     )
     need(
-        s.sde_last_from is None or s.t_end < s.sde_last_from < s.t_start,
+        s.sde_last_from is None or s.method != "sde" or s.t_end < s.sde_last_from < s.t_start,
         f"sampler.sde_last_from must lie between sampler.t_end and sampler.t_start, got {s.sde_last_from}",
     )
     need(

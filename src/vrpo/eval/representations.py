@@ -113,7 +113,10 @@ def evaluate_representations(
     checkpoint = latest_checkpoint(Path(run_dir))
     if checkpoint.step != step:
         raise EvalError(f"{run_dir} wrote a new checkpoint while loading (step {step} -> {checkpoint.step}); run again")
-    objective.load_state_dict(checkpoint.tensors["objective"])
+    state = dict(checkpoint.tensors["objective"])
+    if which == "ema" and "ema_heads" in checkpoint.tensors:  # train.ema_heads: the EMA of the projectors too
+        state.update(checkpoint.tensors["ema_heads"])
+    objective.load_state_dict(state)
     objective.eval()
     align = objective.alignment
     depth = align.depth if align is not None else default_encoder_depth(model.depth)

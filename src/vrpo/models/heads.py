@@ -36,12 +36,15 @@ class ConvProjector(nn.Module):
     """iREPA's projector: one k x k convolution over the token grid (no activation), so that each
     projected token also sees its neighbours. Tokens [B, g*g, D] in, [B, g*g, D_out] out."""
 
-    def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, int], kernel: int = 3):
+    def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, int], kernel: int = 3, init: str = "default"):
         super().__init__()
         if kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"the convolutional projector needs an odd kernel, got {kernel}")
         self.grid = grid
         self.conv = nn.Conv2d(in_dim, out_dim, kernel, padding=kernel // 2)
+        if init == "xavier":  # as the official code's initialisation of every linear map
+            nn.init.xavier_uniform_(self.conv.weight.view(out_dim, -1))
+            nn.init.zeros_(self.conv.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         b, n, d = tokens.shape

@@ -194,7 +194,8 @@ class AlignmentTargets(nn.Module):
 def build_projector(options: AlignmentOptions, model, out_dim: int) -> nn.Module:
     """The configured head from the model's block width to an encoder's token width."""
     if options.projector == "conv":
-        return ConvProjector(model.hidden_size, out_dim, (model.grid, model.grid), options.projector_kernel)
+        grid = (model.grid, model.grid)
+        return ConvProjector(model.hidden_size, out_dim, grid, options.projector_kernel, options.projector_init)
     return Projector(model.hidden_size, out_dim, options.projector_width, options.projector_init)
 
 

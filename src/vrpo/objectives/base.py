@@ -66,6 +66,10 @@ class ObjectiveOptions:
         keys that keep its meaning today (a saved config is resolved: every key it had then is there)."""
         return section
 
+    def leaves_parameters_unused(self) -> bool:
+        """True when some steps give a trainable head no gradient (DDP must then look for them)."""
+        return False
+
     def alignment_coefficients(self, record: dict[str, float]) -> dict[str, float]:
         """{alignment term: the coefficient on it in the loss} for one record of the training log;
         {} for a method that aligns nothing (or a record that does not say)."""

@@ -25,6 +25,9 @@ class ScheduledOptions(ObjectiveOptions):
         if self.schedule != "constant" and self.schedule_end < 1:
             raise ConfigError(f"objective.schedule={self.schedule} needs objective.schedule_end >= 1 (a step)")
 
+    def leaves_parameters_unused(self) -> bool:
+        return self.schedule != "constant"  # at 0 the alignment and its heads are not computed
+
     def alignment_scale(self, step: int) -> float:
         """The factor on the alignment weight at optimizer step ``step`` (0-based)."""
         if self.schedule == "constant":

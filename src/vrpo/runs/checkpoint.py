@@ -243,3 +243,13 @@ def clean_temporaries(run_dir: Path) -> None:
     if root.is_dir():
         for p in root.glob(".tmp_step_*"):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def imported_from(run_dir: Path) -> dict | None:
+    """Where the newest checkpoint came from if `vrpo import-checkpoint` wrote it, else None."""
+    for newest in step_dirs(Path(run_dir))[:1]:
+        try:
+            return json.loads((newest / STATE_FILE).read_text()).get("imported_from")
+        except (OSError, json.JSONDecodeError):
+            return None
+    return None

@@ -29,6 +29,8 @@ def load_run_config(run_dir: str | Path) -> Config:
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections, got {type(tree).__name__}")
     section = tree.get("objective") or {"name": "sit"}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: its objective section must be a mapping, got {section!r}")
     tree["objective"] = objective_options(section.get("name", "sit")).from_saved(section)
     return config_from_dict(tree)
 

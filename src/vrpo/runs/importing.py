@@ -104,7 +104,12 @@ def architecture(network: dict[str, torch.Tensor], source: str) -> dict:
 
 
 def load_strictly(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape mismatch
+        raise CheckpointError(
+            f"{what} does not fit the network its shapes describe: {str(err).splitlines()[-1].strip()}"
+        ) from None
     if missing or unexpected:
         raise CheckpointError(
             f"{what} does not fit the network its shapes describe: missing {missing[:4]}, unexpected {unexpected[:4]}"
@@ -142,6 +147,13 @@ def import_checkpoint(
         raise CheckpointError(f"{file} holds REPA projectors: import it with --from repa")
     shape = architecture(network, source)
     patch = network["patch_embed.weight"].shape[-1]
+    outputs = network["final_layer.linear.weight"].shape[0] // (patch * patch)
+    if source == "sit" and outputs == 2 * shape["channels"]:
+        raise CheckpointError(
+            f"{file} is a willisma/SiT checkpoint (learned-sigma outputs): its time runs the other way (t = 1 is "
+            "data, velocity data - noise), which no convention here reproduces yet; REPA-code SiT checkpoints "
+            "import with --from sit or --from repa"
+        )
     if pos_embed is not None:
         measured = round(pos_embed.shape[1] ** 0.5) * patch
         if resolution not in (None, measured):
@@ -166,7 +178,10 @@ def import_checkpoint(
     load_strictly(ema, ema_network, f"{file} ('ema')")
     grid = resolution // patch
     fixed = sincos_pos_embed_2d(model.hidden_size, grid, grid)[None]
-    if pos_embed is not None and not torch.allclose(pos_embed.float().reshape(fixed.shape), fixed, atol=1e-5):
+    if pos_embed is not None and (
+        pos_embed.numel() != fixed.numel()
+        or not torch.allclose(pos_embed.float().reshape(fixed.shape), fixed, atol=1e-5)
+    ):
         raise CheckpointError(f"{file}'s pos_embed is not the fixed 2-D sin-cos embedding this network uses")
     aligned = bool(cfg.objective.encoder_names())  # the projectors belong to the run only if its objective aligns
     heads = projector_heads(projectors) if projectors and aligned else torch.nn.Module()
@@ -179,7 +194,11 @@ def import_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     step = int(obj.get("steps", 0)) if isinstance(obj, dict) and not _is_state(obj) else 0
-    digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:  # in chunks: a training checkpoint with optimizer state is many GB
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    digest = digest.hexdigest()
     meta = {"imported_from": {"source": source, "file": str(file), "sha256": digest}}
     no_state = torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # an imported run has no optimizer state
     return save_checkpoint(out, step, model, ema, heads, no_state, meta, keep_last=1, extra=extra)

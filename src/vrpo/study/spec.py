@@ -214,10 +214,14 @@ def archived_twin(spec: StudySpec, cfg, seed: int) -> Path | None:
         folder = config.parent
         # read as a run folder: keys added since it was written take their defaults, which keep the
         # behaviour it ran with (and a VRPO run from before version 2 reads as spec 1)
-        if (
-            folder.parents[1] != own
-            and archived_final_step(folder) == cfg.train.max_steps
-            and yaml.safe_load(yaml.safe_dump(load_run_config(folder).to_dict(), sort_keys=False)) == want
-        ):
+        if folder.parents[1] == own:
+            continue
+        try:
+            same = archived_final_step(folder) == cfg.train.max_steps and want == yaml.safe_load(
+                yaml.safe_dump(load_run_config(folder).to_dict(), sort_keys=False)
+            )
+        except ConfigError:  # a folder whose config no longer loads (another version's keys) is no twin
+            continue
+        if same:
             return folder
     return None

@@ -30,6 +30,7 @@ from vrpo.runs import load_run_config, read_metrics
 from vrpo.runs.checkpoint import (
     CheckpointError,
     clean_temporaries,
+    imported_from,
     latest_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -93,6 +94,11 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
     """Save the resolved config, or check it against the one the run was started with."""
     path = run_dir / "config.yaml"
+    if imported_from(run_dir):  # checked before the config is rewritten: the imported run stays as written
+        raise ConfigError(
+            f"{run_dir} holds an imported checkpoint without optimizer state: sample or evaluate it (vrpo sample, "
+            "vrpo eval); resuming its training is not supported"
+        )
     if not path.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, path)
@@ -181,7 +187,9 @@ class Trainer:
         self.train_step = TrainStep(self.model, self.objective)
         if self.world > 1:
             self.train_step = torch.nn.parallel.DistributedDataParallel(
-                self.train_step, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                self.train_step,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.objective.leaves_parameters_unused(),
             )
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast = (
@@ -197,11 +205,6 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir, log=lambda *_: None)
         if ckpt is None:
             return
-        if "imported_from" in ckpt.meta:
-            raise ConfigError(
-                f"{self.run_dir} was imported from {ckpt.meta['imported_from']['file']} and holds no optimizer "
-                "state: sample or evaluate it (vrpo sample, vrpo eval); resuming its training is not supported"
-            )
         if ckpt.meta.get("data_fingerprint") != self.data.fingerprint:
             raise ConfigError(
                 f"the training data changed since {ckpt.path} was written (fingerprint "
@@ -393,11 +396,7 @@ class Trainer:
             saved = self.step % t.ckpt_every == 0 or self.step == t.max_steps or self.eval_due()
             if saved:
                 self.save()
-            if self.eval_due():
-                self.evaluate()
-            if t.sample_every and self.step % t.sample_every == 0 and self.step != t.max_steps:
-                self.sample_grid()
-            if any_rank(stop.signum is not None, self.device):
+            if any_rank(stop.signum is not None, self.device):  # before a long evaluation: a rerun does it
                 if not saved:
                     self.save()
                 name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
@@ -405,6 +404,10 @@ class Trainer:
                     f"stopped by {name} at step {self.step}: checkpoint written; rerun the same command to resume",
                     stop.signum or signal.SIGTERM,
                 )
+            if self.eval_due():
+                self.evaluate()
+            if t.sample_every and self.step % t.sample_every == 0 and self.step != t.max_steps:
+                self.sample_grid()
         return last
 
 
