@@ -64,7 +64,9 @@ def main(argv=None) -> int:
                 variants[f"{name}_on_the_fly"] = (args.config, [*obj, "objective.feature_cache=null"])
         for variant in args.variant:
             name, _, overrides = variant.partition(":")
-            variants[name] = (args.config, [*base, *overrides.split(";"), cached])
+            settings = [*base, *overrides.split(";")]
+            uses_encoders = bool(load_config(args.config, settings).objective.encoder_names())
+            variants[name] = (args.config, [*settings, cached] if uses_encoders else settings)  # SiT-only methods
         if args.reference and args.reference not in variants:
             raise SystemExit(f"--reference {args.reference!r} is not one of the variants {list(variants)}")
         runs = measure_interleaved(variants, args.steps, args.warmup)
