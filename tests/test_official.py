@@ -273,10 +273,6 @@ def test_import_is_strict_and_says_what_does_not_fit(tmp_path):
     torch.save(state, tmp_path / "last.pt")  # a bare state dict, as REPA's released last.pt
     with pytest.raises(CheckpointError, match=r"missing \['blocks.3.mlp.fc2.bias'\]"):
         import_checkpoint("repa", tmp_path / "last.pt", tmp_path / "run")
-    sit = official_state(0, out_channels=2 * CHANNELS, projectors=False)  # willisma/SiT: learned sigma
-    torch.save(sit, tmp_path / "sit.pt")
-    with pytest.raises(CheckpointError, match="willisma/SiT checkpoint.*time runs the other way"):
-        import_checkpoint("sit", tmp_path / "sit.pt", tmp_path / "run")
     torch.save(official_state(0), tmp_path / "last.pt")
     with pytest.raises(CheckpointError, match="--from repa"):
         import_checkpoint("sit", tmp_path / "last.pt", tmp_path / "run")
@@ -331,3 +327,24 @@ def test_a_dit_checkpoint_imports_with_its_integer_times(tmp_path):
     x, _, y = inputs(4)
     t = torch.tensor([0, 250, 500, 999])  # DiT's network sees the diffusion step index
     assert (model(x, t, y).prediction - official_forward(state, x, t, y)[0]).abs().max() < 1e-5
+
+
+def test_a_willisma_sit_checkpoint_imports_with_its_reversed_time_and_without_sigma(tmp_path):
+    """SiT's own code: t = 1 is the data, the velocity is data - noise, and half the outputs are sigma."""
+    state = official_state(3, out_channels=2 * CHANNELS, projectors=False)
+    torch.save({"model": state, "ema": state, "args": argparse.Namespace(), "steps": 2}, tmp_path / "sit.pt")
+    import_checkpoint("sit", tmp_path / "sit.pt", tmp_path / "run")
+    cfg, model, _ = load_run_model(tmp_path / "run", "ema")
+    assert cfg.transport.time_direction == "data_at_1" and not model.learn_sigma
+    x, t, y = inputs(6)
+    noising = build_noising(cfg)
+    ours = noising.from_network(model(x, noising.model_time(t), y).prediction)  # noise at t = 1, v = noise - x
+    theirs = official_forward(state, x, 1 - t, y)[0][:, :CHANNELS]  # their time and their velocity
+    assert (ours + theirs).abs().max() < 1e-5
+    sampled = generate(model, cfg, y, inputs(7)[0], torch.Generator().manual_seed(0), method="euler", steps=4)
+    grid = torch.linspace(1, 0, 5, dtype=torch.float64)  # the same ODE in their time: dx/ds = v_theirs(x, s)
+    x_theirs = inputs(7)[0].double()
+    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+        v = -official_forward(state, x_theirs.float(), torch.full((4,), 1 - float(t_cur)), y)[0][:, :CHANNELS]
+        x_theirs = x_theirs + (t_next - t_cur) * v.double()
+    assert (sampled.double() - x_theirs).abs().max() < 1e-5

@@ -53,6 +53,9 @@ class TransportConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     time_scale: float = 1000.0  # network time input = t * time_scale
+    # noise_at_1 (here, REPA); data_at_1: the network was trained with t = 1 at the data and a velocity
+    # data - noise (willisma/SiT): it is fed 1 - t and its velocity is negated, at the network's boundary
+    time_direction: str = "noise_at_1"
 
 
 @dataclass
@@ -363,6 +366,14 @@ def validate(cfg: Config) -> None:
         f"transport.timesteps must be uniform or logit_normal, got {tr.timesteps!r}",
     )
     need(0.0 <= tr.t_min < tr.t_max <= 1.0, "transport.t_min < transport.t_max must lie in [0, 1]")
+    need(
+        tr.time_direction in ("noise_at_1", "data_at_1"),
+        f"transport.time_direction must be noise_at_1 or data_at_1, got {tr.time_direction!r}",
+    )
+    need(
+        tr.time_direction == "noise_at_1" or tr.prediction == "velocity",
+        "transport.time_direction=data_at_1 (SiT's own) needs transport.prediction=velocity",
+    )
     s = cfg.sampler
     need(
         s.method in SAMPLERS,

@@ -138,8 +138,9 @@ class Objective(nn.Module):
         x_t = self.noising.add_noise(x, noise, t)
         model_t = self.noising.model_time(t)
         out = model(x_t, model_t, labels, hidden_layers=self.hidden_layers())
-        per_sample, parts = self.noising.loss_terms(out.prediction, x, noise, x_t, t)
-        return DenoisingStep(t, model_t, noise, x_t, labels, out.prediction, out.hidden, per_sample, parts)
+        prediction = self.noising.from_network(out.prediction)
+        per_sample, parts = self.noising.loss_terms(prediction, x, noise, x_t, t)
+        return DenoisingStep(t, model_t, noise, x_t, labels, prediction, out.hidden, per_sample, parts)
 
     def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> LossOutput:
         step = self.denoise(model, batch, generator)

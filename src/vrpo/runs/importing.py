@@ -103,6 +103,14 @@ def architecture(network: dict[str, torch.Tensor], source: str) -> dict:
     return {"arch": arch, "channels": channels, "classes": classes, "mlp_ratio": ratio, "qk_norm": qk_norm}
 
 
+def drop_sigma(network: dict[str, torch.Tensor], channels: int) -> dict[str, torch.Tensor]:
+    """SiT's learned-sigma outputs left out: the output rows are (p, p, 2C) with the channel innermost,
+    and the first C channels are the velocity (SiT's forward keeps them alone)."""
+    weight, bias = network["final_layer.linear.weight"], network["final_layer.linear.bias"]
+    keep = torch.arange(weight.shape[0]) % (2 * channels) < channels
+    return {**network, "final_layer.linear.weight": weight[keep], "final_layer.linear.bias": bias[keep]}
+
+
 def load_strictly(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
@@ -148,12 +156,9 @@ def import_checkpoint(
     shape = architecture(network, source)
     patch = network["patch_embed.weight"].shape[-1]
     outputs = network["final_layer.linear.weight"].shape[0] // (patch * patch)
-    if source == "sit" and outputs == 2 * shape["channels"]:
-        raise CheckpointError(
-            f"{file} is a willisma/SiT checkpoint (learned-sigma outputs): its time runs the other way (t = 1 is "
-            "data, velocity data - noise), which no convention here reproduces yet; REPA-code SiT checkpoints "
-            "import with --from sit or --from repa"
-        )
+    sit_own = source == "sit" and outputs == 2 * shape["channels"]  # willisma/SiT: learned sigma, data at t = 1
+    if sit_own:
+        network, ema_network = (drop_sigma(n, shape["channels"]) for n in (network, ema_network))
     if pos_embed is not None:
         measured = round(pos_embed.shape[1] ** 0.5) * patch
         if resolution not in (None, measured):
@@ -168,6 +173,7 @@ def import_checkpoint(
         f"data.resolution={resolution}",
         *(["data.name=tensors"] if shape["channels"] == 4 else []),  # SD-VAE latents
         *(["conventions=official"] if source != "dit" else []),
+        *(["transport.time_direction=data_at_1"] if sit_own else []),
         *(["objective={name: ddpm}", "sampler.method=ddpm"] if source == "dit" and config is None else []),
     ]
     cfg = load_config(config, [*settings, *overrides])

@@ -53,6 +53,10 @@ class Noising:
         """The network's time input for times ``t``."""
         raise NotImplementedError  # abstract
 
+    def from_network(self, prediction: torch.Tensor) -> torch.Tensor:
+        """The network's output in this family's convention (identity unless the network's differs)."""
+        return prediction
+
     def loss_terms(self, prediction, x, noise, x_t, t) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(per-sample loss [B], its named per-sample parts) of a network output."""
         raise NotImplementedError  # abstract
@@ -68,6 +72,7 @@ class FlowNoising(Noising):
     def __init__(self, transport):
         self.transport = transport
         self.interpolant = build_interpolant(transport.interpolant)
+        self.reversed = transport.time_direction == "data_at_1"
 
     def draw_times(self, n, generator, device):
         tr = self.transport
@@ -86,7 +91,10 @@ class FlowNoising(Noising):
         return self.interpolant.sample(x, noise, t)
 
     def model_time(self, t):
-        return t * self.transport.time_scale
+        return (1 - t if self.reversed else t) * self.transport.time_scale
+
+    def from_network(self, prediction):
+        return -prediction if self.reversed else prediction  # SiT's velocity is data - noise
 
     def loss_terms(self, prediction, x, noise, x_t, t):
         target = self.interpolant.target(self.transport.prediction, x, noise, t)
@@ -103,6 +111,7 @@ class FlowNoising(Noising):
             options["cfg_scale"],
             tuple(options["cfg_interval"]),
             tr.time_scale,
+            self.reversed,
         )
         return sample_flow(
             guided,

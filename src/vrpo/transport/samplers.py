@@ -99,7 +99,9 @@ class GuidedPrediction:
         cfg_scale: float = 1.0,
         interval: tuple[float, float] = (0.0, 1.0),
         time_scale: float = 1000.0,
+        time_reversed: bool = False,
     ):
+        self.time_reversed = time_reversed  # the network's t = 1 is data and its velocity data - noise
         self.model, self.labels, self.interpolant = model, labels, interpolant
         self.prediction, self.cfg_scale, self.interval, self.time_scale = prediction, cfg_scale, interval, time_scale
         if cfg_scale != 1.0 and labels is None:
@@ -108,7 +110,7 @@ class GuidedPrediction:
     def raw(self, x: torch.Tensor, t: torch.Tensor, guide_t: torch.Tensor | None = None) -> torch.Tensor:
         """The network's guided output (all channels) at interpolant time t; guidance applies where
         ``guide_t`` (default t) lies in the interval."""
-        net_t = t * self.time_scale
+        net_t = (1 - t if self.time_reversed else t) * self.time_scale
         if self.cfg_scale == 1.0:
             return self.model(x, net_t, self.labels).prediction
         low, high = self.interval
@@ -118,6 +120,7 @@ class GuidedPrediction:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, guide_t: torch.Tensor | None = None) -> torch.Tensor:
         out = self.raw(x, t, guide_t)[:, : x.shape[1]]
+        out = -out if self.time_reversed else out
         return self.interpolant.to_velocity(self.prediction, out, x, t)
 
 
