@@ -177,6 +177,7 @@ class Trainer:
         self.objective.bind_ema(self.ema)  # restored in place below: the binding stays valid
         # REPA's EMA also averages the projectors (train.ema_heads): their copies, in named_parameters order
         self.ema_heads = trainable_state(self.objective) if t.ema_heads else None
+        self.head_params = [p for p in self.objective.parameters() if p.requires_grad]  # in ema_heads' order
         self.params = [p for p in chain(self.model.parameters(), self.objective.parameters()) if p.requires_grad]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
@@ -295,8 +296,7 @@ class Trainer:
             decay = ema_decay(step, t.ema_decay, t.ema_warmup)
             update_ema(self.ema, self.model, decay)
             if self.ema_heads is not None:
-                heads = [p for _, p in self.objective.named_parameters() if p.requires_grad]
-                update_ema_tensors(list(self.ema_heads.values()), heads, decay)
+                update_ema_tensors(list(self.ema_heads.values()), self.head_params, decay)
             self.consecutive_bad = 0
             self.objective.end_of_step(step, applied=True)
         self.step += 1
