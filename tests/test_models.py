@@ -76,13 +76,13 @@ def test_cfg_scale_one_is_the_conditional_output_and_guides_all_channels():
     model = randomize(build_model("DiT-T/4", 16, 4, 10, hidden_size=32, depth=2, num_heads=2))
     x, t, y = torch.randn(3, 4, 16, 16), torch.rand(3) * 1000, torch.tensor([0, 1, 2])
     cond = model(x, t, y).prediction
-    torch.testing.assert_close(model.forward_with_cfg(x, t, y, 1.0), cond)
+    torch.testing.assert_close(model.forward_with_cfg(x, t, y, 1.0).prediction, cond)
     uncond = model(x, t, torch.full_like(y, model.null_class)).prediction
-    guided = model.forward_with_cfg(x, t, y, 4.0)
+    guided = model.forward_with_cfg(x, t, y, 4.0).prediction
     torch.testing.assert_close(guided[:, :4], uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(guided[:, 4:], cond[:, 4:])  # learned-sigma channels stay conditional
     # a guidance interval switches guidance off per sample
-    masked = model.forward_with_cfg(x, t, y, 4.0, guide=torch.tensor([True, False, True]))
+    masked = model.forward_with_cfg(x, t, y, 4.0, guide=torch.tensor([True, False, True])).prediction
     torch.testing.assert_close(masked[1], cond[1], rtol=1e-5, atol=1e-5)
 
 

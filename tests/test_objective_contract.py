@@ -67,7 +67,7 @@ def build(name: str, family: str):
     data = load_split("digits", "train")
     data.images, data.labels = data.images[:40], data.labels[:40]
     torch.manual_seed(0)
-    model = build_model(cfg.model.arch, 32, 1, 10)
+    model = build_model(cfg.model.arch, 32, 1, 10, **cfg.model.build_options())
     with torch.no_grad():  # leave the adaLN-Zero init so that every block matters
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))

@@ -71,6 +71,8 @@ def test_euler_first_order_heun_second_order():
 class GaussianVelocity:
     """Exact velocity of the linear interpolant for data N(0, s0^2), wrapped like a network."""
 
+    global_token_dim = 0  # no REG token
+
     def __init__(self, s0):
         self.s0 = s0
 

@@ -30,6 +30,11 @@ class ModelConfig:
     arch: str = "SiT-T/2"  # FAMILY-SIZE/PATCH: SiT or DiT; T, S, B, L, XL; patch 1, 2, 4, 8
     mlp_ratio: float = 4.0
     qk_norm: bool = False
+    global_token_dim: int = 0  # REG: the width of the encoder's global token the network also denoises
+
+    def build_options(self) -> dict:
+        """The constructor options of ``build_model`` beside the architecture and the data's shape."""
+        return dict(mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm, global_token_dim=self.global_token_dim)
 
 
 @dataclass
@@ -77,6 +82,7 @@ class SamplerConfig:
     diffusion_scale: float = 1.0  # SDE: w(t) = diffusion_scale * sigma(t)
     heun_last_corrector: bool = True  # false: the last Heun step is an Euler step (official REPA/SiT)
     guidance_at: str = "evaluation"  # guidance interval tested at each evaluation's time, or at the step's start
+    global_cfg_scale: float | None = None  # REG's global token: its guidance scale; None: cfg_scale (official: 1.5)
     sde_last_from: float | None = None  # SDE: grid linspace(t_start, it, steps) then t_end (REPA: 0.04); None: uniform
 
 
@@ -258,6 +264,9 @@ def config_from_dict(tree: dict) -> Config:
         objective=build_section(options_cls, {**objective, "name": name}, "objective"),
         conventions=tree.get("conventions", "vrpo"),
     )
+    for key, value in cfg.objective.model_defaults().items():  # the network variant a method needs
+        if getattr(cfg.model, key) == getattr(ModelConfig(), key):
+            setattr(cfg.model, key, value)
     validate(cfg)
     return cfg
 
@@ -320,6 +329,7 @@ def validate(cfg: Config) -> None:
         cfg.data.resolution % patch == 0,
         f"data.resolution {cfg.data.resolution} is not divisible by the patch size {patch} of {cfg.model.arch}",
     )
+    need(cfg.model.global_token_dim >= 0, f"model.global_token_dim must be >= 0, got {cfg.model.global_token_dim}")
     t = cfg.train
     need(t.max_steps >= 1, "train.max_steps must be >= 1")
     need(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")

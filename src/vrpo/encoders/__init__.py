@@ -29,6 +29,7 @@ __all__ = [
     "build_encoder",
     "build_encoders",
     "available_encoders",
+    "global_width",
     "resample_tokens",
     "pool_tokens",
     "tokens_to_map",
@@ -47,6 +48,13 @@ _ALIASES = {f"dinov2-vit-{s}": f"dinov2-vit{s}14" for s in "sblg"}
 
 def available_encoders() -> list[str]:
     return list(ENCODER_NAMES)
+
+
+def global_width(name: str) -> int:
+    """The width of an encoder's global vector, known without building it (EfficientNet-Lite0's
+    pooled last stage; a DINOv2's CLS token)."""
+    key = _canonical(name)
+    return 1280 if key.startswith("efficientnet") else DINOV2_PRESETS[key].embed_dim
 
 
 def _canonical(name: str) -> str:

@@ -42,7 +42,8 @@ def block_states(
 
     ``noising`` is the run's forward process (its objective's); ``t`` is the fraction of the way
     from data to noise. Labels are the null class: class labels in the input would make the
-    probe trivial. Batch b's noise is keyed on (seed, b), the same at every timestep.
+    probe trivial. Batch b's noise is keyed on (seed, b), the same at every timestep. A network
+    with a global token (REG) gets it as pure noise.
     """
     device = next(model.parameters()).device
     pooled: dict[float, list] = {t: [] for t in timesteps}
@@ -50,7 +51,12 @@ def block_states(
     for start in range(0, len(images), batch_size):
         pixels = images[start : start + batch_size].to(device)
         x = to_model_space(pixels)
-        noise = torch.randn(x.shape, generator=keyed_generator(seed, start)).to(device)
+        generator = keyed_generator(seed, start)
+        noise = torch.randn(x.shape, generator=generator).to(device)
+        # REG's global token enters as pure noise: it carries no information and the probe reads the image
+        token = None
+        if model.global_token_dim:
+            token = torch.randn((x.shape[0], model.global_token_dim), generator=generator).to(device)
         # Targets do not depend on t: encode once per batch.
         targets = (
             align.targets(Batch(x, None, pixels, torch.arange(start, start + len(x)))) if align is not None else None
@@ -58,7 +64,10 @@ def block_states(
         for t in timesteps:
             times = noising.fixed_times(t, x.shape[0], device)
             x_t = noising.add_noise(x, noise, times)
-            hidden = model(x_t, noising.model_time(times), None, hidden_layers=(depth,), stop_after=depth).hidden[depth]
+            out = model(
+                x_t, noising.model_time(times), None, hidden_layers=(depth,), stop_after=depth, global_token=token
+            )
+            hidden = out.hidden[depth]
             pooled[t].append(hidden.float().mean(dim=1).cpu())
             if targets is not None:
                 cosines[t].append(align.cosine(align.project(hidden), targets).double().cpu())

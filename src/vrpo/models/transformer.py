@@ -119,23 +119,35 @@ class Block(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, dim: int, patch: int, out_channels: int):
+    def __init__(self, dim: int, patch: int, out_channels: int, global_token_dim: int = 0):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, patch * patch * out_channels)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        # REG: the global token's prediction, read from the first position
+        self.linear_global = None
+        if global_token_dim:
+            with torch.random.fork_rng(devices=[]):  # initialised last (reset_parameters), so the rest's draws stay
+                self.linear_global = nn.Linear(dim, global_token_dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(patch outputs, the global token's output or None)."""
         shift, scale = self.ada(cond).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        x = modulate(self.norm(x), shift, scale)
+        if self.linear_global is None:
+            return self.linear(x), None
+        return self.linear(x[:, 1:]), self.linear_global(x[:, 0])
 
 
 @dataclass
 class ModelOutput:
-    """Prediction (None when the pass stopped early) and the requested block outputs [B, N, D]."""
+    """Prediction (None when the pass stopped early) and the requested block outputs [B, N, D] of
+    the patch tokens; with a global token (REG), its prediction [B, D_g] and block states [B, D]."""
 
     prediction: torch.Tensor | None
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    global_prediction: torch.Tensor | None = None
+    hidden_global: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class DiffusionTransformer(nn.Module):
@@ -151,13 +163,16 @@ class DiffusionTransformer(nn.Module):
         num_classes: int = 10,
         learn_sigma: bool = False,
         qk_norm: bool = False,
+        global_token_dim: int = 0,
     ):
+        """``global_token_dim`` > 0: the network also denoises one global token of that width (REG's
+        encoder CLS token), embedded in front of the patch tokens with no position embedding."""
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by patch size {patch_size}")
         self.input_size, self.in_channels, self.patch_size = input_size, in_channels, patch_size
         self.hidden_size, self.depth, self.num_classes = hidden_size, depth, num_classes
-        self.learn_sigma = learn_sigma
+        self.learn_sigma, self.global_token_dim = learn_sigma, global_token_dim
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.grid = input_size // patch_size
 
@@ -169,7 +184,14 @@ class DiffusionTransformer(nn.Module):
         # num_classes == 0: unconditional; the table then only holds the null class.
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         self.blocks = nn.ModuleList([Block(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, global_token_dim)
+        # REG's embedding of the noised global token: a linear map, then a LayerNorm with affine weights
+        self.global_embed = None
+        if global_token_dim:
+            with torch.random.fork_rng(devices=[]):  # as linear_global
+                self.global_embed = nn.Sequential(
+                    nn.Linear(global_token_dim, hidden_size), nn.LayerNorm(hidden_size, eps=1e-6)
+                )
         self.reset_parameters()
 
     @property
@@ -182,8 +204,9 @@ class DiffusionTransformer(nn.Module):
 
     def reset_parameters(self) -> None:
         """DiT's initialisation: Xavier linears, zeroed modulation and output (adaLN-Zero)."""
+        extra = [] if self.global_embed is None else [self.global_embed[0], self.final_layer.linear_global]
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and not any(module is e for e in extra):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         w = self.patch_embed.weight
@@ -198,20 +221,33 @@ class DiffusionTransformer(nn.Module):
         for layer in (self.final_layer.ada[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if extra:  # REG's layers last, so that the rest starts as the same seed's plain network
+            nn.init.xavier_uniform_(extra[0].weight)
+            nn.init.zeros_(extra[0].bias)
+            nn.init.zeros_(extra[1].weight)  # the global token's output starts at 0, as the patches'
+            nn.init.zeros_(extra[1].bias)
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         b, p, c, g = tokens.shape[0], self.patch_size, self.out_channels, self.grid
         x = tokens.view(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, g * p, g * p)
 
-    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens after patch and position embedding, and the conditioning vector."""
+    def embed(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, global_token: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens after patch and position embedding (the global token first), and the conditioning vector."""
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"model expects {self.in_channels} x {self.input_size} x {self.input_size} inputs, got "
                 f"{tuple(x.shape[1:])}"
             )
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        if global_token is None and self.global_embed is not None:
+            raise ValueError(f"this network denoises a global token of width {self.global_token_dim} (REG): pass one")
+        if global_token is not None and self.global_embed is None:
+            raise ValueError("this network has no global token (REG): global_token must be None")
+        if global_token is not None:
+            tokens = torch.cat([self.global_embed(global_token.to(tokens.dtype))[:, None], tokens], dim=1)
         if y is None:
             y = torch.full((x.shape[0],), self.null_class, device=x.device, dtype=torch.long)
         return tokens, self.t_embedder(t) + self.y_embedder(y)
@@ -224,6 +260,7 @@ class DiffusionTransformer(nn.Module):
         hidden_layers: Iterable[int] = (),
         stop_after: int | None = None,
         detach_after: int | None = None,
+        global_token: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Predict for noisy inputs ``x`` at times ``t`` (model units) and labels ``y``.
 
@@ -233,40 +270,61 @@ class DiffusionTransformer(nn.Module):
         ``detach_after``: cut the graph after block detach_after, so that what is computed
         from this pass's later blocks sends no gradient to the embeddings or blocks
         1..detach_after (e.g. a reward that must only train the middle blocks).
+        ``global_token``: the noised global token [B, D_g] of a network with one (REG), else None.
         """
         wanted = set(hidden_layers)
         if any(not 1 <= i <= self.depth for i in wanted):
             raise ValueError(f"hidden layers {sorted(wanted)} outside blocks 1..{self.depth}")
         last = self.depth if stop_after is None else stop_after
-        tokens, cond = self.embed(x, t, y)
+        tokens, cond = self.embed(x, t, y, global_token)
+        first = 0 if global_token is None else 1  # where the patch tokens start
         hidden: dict[int, torch.Tensor] = {}
+        hidden_global: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.blocks[:last], start=1):
             tokens = block(tokens, cond)
             if index == detach_after:
                 tokens = tokens.detach()
             if index in wanted:
-                hidden[index] = tokens
+                hidden[index] = tokens[:, first:]
+                if first:
+                    hidden_global[index] = tokens[:, 0]
         if stop_after is not None:
-            return ModelOutput(None, hidden)
-        return ModelOutput(self.unpatchify(self.final_layer(tokens, cond)), hidden)
+            return ModelOutput(None, hidden, hidden_global=hidden_global)
+        patches, global_prediction = self.final_layer(tokens, cond)
+        return ModelOutput(self.unpatchify(patches), hidden, global_prediction, hidden_global)
 
     def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale: float, guide: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Classifier-free guidance on every prediction channel (learned-sigma channels stay conditional).
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        scale: float,
+        guide: torch.Tensor | None = None,
+        global_token: torch.Tensor | None = None,
+        global_scale: float | None = None,
+    ) -> ModelOutput:
+        """Classifier-free guidance on every prediction channel (learned-sigma channels stay conditional)
+        and on the global token (at ``global_scale``, default ``scale``).
 
         ``guide`` (bool per sample) limits guidance to samples inside a guidance interval.
         """
-        if scale == 1.0:
-            return self.forward(x, t, y).prediction
+        if scale == 1.0 and global_scale in (None, 1.0):
+            return self.forward(x, t, y, global_token=global_token)
         null = torch.full_like(y, self.null_class)
-        both = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).prediction
-        cond, uncond = both.chunk(2)
+        pair = None if global_token is None else torch.cat([global_token, global_token])
+        both = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), global_token=pair)
+
+        def guided(out: torch.Tensor, s: float) -> torch.Tensor:
+            cond, uncond = out.chunk(2)
+            mixed = uncond + s * (cond - uncond)
+            return mixed if guide is None else torch.where(guide.view(-1, *[1] * (out.dim() - 1)), mixed, cond)
+
         c = self.in_channels
-        guided = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
-        if guide is not None:
-            guided = torch.where(guide.view(-1, 1, 1, 1), guided, cond[:, :c])
-        return torch.cat([guided, cond[:, c:]], dim=1)
+        cond = both.prediction.chunk(2)[0]
+        prediction = torch.cat([guided(both.prediction[:, :c], scale), cond[:, c:]], dim=1)
+        if global_token is None:
+            return ModelOutput(prediction)
+        return ModelOutput(prediction, global_prediction=guided(both.global_prediction, global_scale or scale))
 
 
 # width, depth, heads
@@ -300,6 +358,8 @@ def parse_arch(name: str) -> tuple[str, str, int]:
 
 
 def build_model(arch: str, input_size: int, in_channels: int, num_classes: int, **overrides) -> DiffusionTransformer:
+    """The named architecture; ``overrides`` set other constructor options (mlp_ratio, qk_norm,
+    global_token_dim); None keeps a default."""
     family, size, patch = parse_arch(arch)
     width, depth, heads = SIZES[size]
     kwargs = dict(hidden_size=width, depth=depth, num_heads=heads, learn_sigma=family == "DiT")

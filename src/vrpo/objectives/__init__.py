@@ -22,6 +22,7 @@ _MODULES = {
     "layersync": ("vrpo.objectives.layersync", "LayerSync"),
     "dispersive": ("vrpo.objectives.dispersive", "Dispersive"),
     "sra": ("vrpo.objectives.sra", "SRA"),
+    "reg": ("vrpo.objectives.reg", "REG"),
 }
 
 

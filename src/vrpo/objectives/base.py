@@ -10,7 +10,8 @@ and synchronised with the network. What a caller may ask of it:
   options encoding on the fly (held-out images are not in a training cache);
   ``alignment_coefficients(record)`` what multiplies each alignment term of the loss in a
   logged training record (the effective coefficient a comparison reports beside a gain);
-  ``from_saved`` reads a run folder's saved section written by an earlier version.
+  ``from_saved`` reads a run folder's saved section written by an earlier version;
+  ``model_defaults`` the network variant it needs (REG's global token).
 - ``noising`` (and ``family``): the forward process it trains on, from the config's model
   family; ``denoise`` runs one noised pass through it, which every method builds on.
 - ``alignment``: its encoder targets and projectors (``AlignmentTargets``), or None.
@@ -66,6 +67,11 @@ class ObjectiveOptions:
         keys that keep its meaning today (a saved config is resolved: every key it had then is there)."""
         return section
 
+    def model_defaults(self) -> dict:
+        """Options of the config's model section this method needs (REG: the global token's width),
+        applied where the config leaves them at their defaults."""
+        return {}
+
     def leaves_parameters_unused(self) -> bool:
         """True when some steps give a trainable head no gradient (DDP must then look for them)."""
         return False
@@ -103,9 +109,16 @@ class DenoisingStep:
     hidden: dict[int, torch.Tensor]
     per_sample_loss: torch.Tensor  # [B] the family's denoising loss per sample
     parts: dict[str, torch.Tensor]  # its named per-sample parts (flow: denoise; ddpm: mse, vb)
+    # REG: the global token, noised at the same t, and its own denoising loss [B] (None without one)
+    global_t: torch.Tensor | None = None
+    global_loss: torch.Tensor | None = None
+    hidden_global: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def logs(self) -> dict[str, torch.Tensor]:
-        return {f"loss_{name}": value.mean().detach() for name, value in self.parts.items()}
+        logs = {f"loss_{name}": value.mean().detach() for name, value in self.parts.items()}
+        if self.global_loss is not None:
+            logs["loss_global"] = self.global_loss.mean().detach()
+        return logs
 
 
 class Objective(nn.Module):
@@ -128,19 +141,40 @@ class Objective(nn.Module):
         """Blocks whose outputs this method reads (1-based)."""
         return ()
 
-    def denoise(self, model, batch: Batch, generator: torch.Generator, time_groups: int = 1) -> DenoisingStep:
-        """One noised pass; ``time_groups`` consecutive rows share one drawn time (a group's draws)."""
-        # Draw order (t, noise, label dropout) is fixed so that every method sees the same draws.
+    def denoise(
+        self,
+        model,
+        batch: Batch,
+        generator: torch.Generator,
+        time_groups: int = 1,
+        global_token: torch.Tensor | None = None,
+    ) -> DenoisingStep:
+        """One noised pass; ``time_groups`` consecutive rows share one drawn time (a group's draws).
+
+        ``global_token`` [B, D_g] (REG): a clean token the network denoises beside the image, noised
+        with the same interpolant and t; its loss is ``global_loss``.
+        """
+        # Draw order (t, noise, label dropout, then the token's noise) is fixed so that every method
+        # sees the same draws.
         x = batch.x
         t = self.noising.draw_times(x.shape[0] // time_groups, generator, x.device).repeat_interleave(time_groups)
         noise = randn_like(x, generator)
         labels = drop_labels(batch.labels, self.label_dropout, self.null_class, generator)
         x_t = self.noising.add_noise(x, noise, t)
         model_t = self.noising.model_time(t)
-        out = model(x_t, model_t, labels, hidden_layers=self.hidden_layers())
+        global_noise = global_t = None
+        if global_token is not None:
+            global_noise = randn_like(global_token, generator)
+            global_t = self.noising.add_noise(global_token, global_noise, t)
+        out = model(x_t, model_t, labels, hidden_layers=self.hidden_layers(), global_token=global_t)
         prediction = self.noising.from_network(out.prediction)
         per_sample, parts = self.noising.loss_terms(prediction, x, noise, x_t, t)
-        return DenoisingStep(t, model_t, noise, x_t, labels, prediction, out.hidden, per_sample, parts)
+        step = DenoisingStep(t, model_t, noise, x_t, labels, prediction, out.hidden, per_sample, parts)
+        if global_token is not None:
+            global_prediction = self.noising.from_network(out.global_prediction)
+            step.global_loss = self.noising.loss_terms(global_prediction, global_token, global_noise, global_t, t)[0]
+            step.global_t, step.hidden_global = global_t, out.hidden_global
+        return step
 
     def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> LossOutput:
         step = self.denoise(model, batch, generator)

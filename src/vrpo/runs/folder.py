@@ -47,8 +47,7 @@ def load_run_model(run_dir: str | Path, which: str = "ema", device: str = "cpu",
         cfg.data.resolution,
         channels,
         num_classes,
-        mlp_ratio=cfg.model.mlp_ratio,
-        qk_norm=cfg.model.qk_norm,
+        **cfg.model.build_options(),
     )
     model.load_state_dict(weights)
     return cfg, model.to(device).eval(), step

@@ -168,8 +168,7 @@ class Trainer:
             self.data.resolution,
             self.data.channels,
             num_classes,
-            mlp_ratio=cfg.model.mlp_ratio,
-            qk_norm=cfg.model.qk_norm,
+            **cfg.model.build_options(),
         ).to(self.device)
         torch.manual_seed(t.seed + 1)
         self.objective = build_objective(cfg, self.model, self.data).to(self.device)

@@ -112,10 +112,15 @@ class FlowNoising(Noising):
             tuple(options["cfg_interval"]),
             tr.time_scale,
             self.reversed,
+            options["global_cfg_scale"],
         )
-        return sample_flow(
+        # REG: the global token starts from its own noise, drawn after the image's from the same generator
+        token = None
+        if model.global_token_dim:
+            token = torch.randn((noise.shape[0], model.global_token_dim), generator=generator).to(noise.device)
+        state = sample_flow(
             guided,
-            noise,
+            guided.pack(noise, token),
             options["method"],
             options["steps"],
             options["t_start"],
@@ -126,6 +131,7 @@ class FlowNoising(Noising):
             options["guidance_at"],
             options["sde_last_from"],
         )
+        return guided.unpack(state)[0]
 
 
 class DDPMNoising(Noising):
@@ -159,6 +165,8 @@ class DDPMNoising(Noising):
         return terms["loss"], {"mse": terms["mse"], "vb": terms["vb"]}
 
     def generate(self, model, options, labels, noise, generator):
+        if model.global_token_dim:
+            raise ValueError("a network with a global token (REG) is sampled by the flow samplers, not DDPM")
         diffusion = create_ddpm(respacing=options["steps"], num_steps=self.num_steps)
         guided = GuidedPrediction(
             model,

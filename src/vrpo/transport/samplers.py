@@ -87,7 +87,9 @@ def euler_maruyama_sde(
 class GuidedPrediction:
     """Wraps a network as v(x, t) with classifier-free guidance inside [t_low, t_high].
 
-    ``time_scale`` maps the interpolant's t in [0, 1] to the network's time input.
+    ``time_scale`` maps the interpolant's t in [0, 1] to the network's time input. A network
+    with a global token (REG) is sampled on the joint state ``pack(image, token)``: both are
+    denoised together, and guidance covers the token at ``global_cfg_scale`` (default cfg_scale).
     """
 
     def __init__(
@@ -100,28 +102,52 @@ class GuidedPrediction:
         interval: tuple[float, float] = (0.0, 1.0),
         time_scale: float = 1000.0,
         time_reversed: bool = False,
+        global_cfg_scale: float | None = None,
     ):
         self.time_reversed = time_reversed  # the network's t = 1 is data and its velocity data - noise
         self.model, self.labels, self.interpolant = model, labels, interpolant
         self.prediction, self.cfg_scale, self.interval, self.time_scale = prediction, cfg_scale, interval, time_scale
-        if cfg_scale != 1.0 and labels is None:
+        self.global_cfg_scale = cfg_scale if global_cfg_scale is None else global_cfg_scale
+        self.guided = cfg_scale != 1.0 or (model.global_token_dim > 0 and self.global_cfg_scale != 1.0)
+        if self.guided and labels is None:
             raise ValueError("classifier-free guidance needs class labels (cfg_scale != 1 on an unconditional model)")
 
-    def raw(self, x: torch.Tensor, t: torch.Tensor, guide_t: torch.Tensor | None = None) -> torch.Tensor:
-        """The network's guided output (all channels) at interpolant time t; guidance applies where
-        ``guide_t`` (default t) lies in the interval."""
+    def output(self, x: torch.Tensor, t: torch.Tensor, guide_t: torch.Tensor | None = None, global_token=None):
+        """The network's guided ``ModelOutput`` (all channels) at interpolant time t; guidance applies
+        where ``guide_t`` (default t) lies in the interval."""
         net_t = (1 - t if self.time_reversed else t) * self.time_scale
-        if self.cfg_scale == 1.0:
-            return self.model(x, net_t, self.labels).prediction
+        if not self.guided:
+            return self.model(x, net_t, self.labels, **({} if global_token is None else {"global_token": global_token}))
         low, high = self.interval
         decide = t if guide_t is None else guide_t
         guide = (decide >= low) & (decide <= high)
-        return self.model.forward_with_cfg(x, net_t, self.labels, self.cfg_scale, guide)
+        return self.model.forward_with_cfg(
+            x, net_t, self.labels, self.cfg_scale, guide, global_token, self.global_cfg_scale
+        )
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, guide_t: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.raw(x, t, guide_t)[:, : x.shape[1]]
+    def raw(self, x: torch.Tensor, t: torch.Tensor, guide_t: torch.Tensor | None = None) -> torch.Tensor:
+        return self.output(x, t, guide_t).prediction
+
+    def __call__(self, state: torch.Tensor, t: torch.Tensor, guide_t: torch.Tensor | None = None) -> torch.Tensor:
+        x, token = self.unpack(state)
+        out = self.output(x, t, guide_t, token)
+        v = self.velocity(out.prediction[:, : x.shape[1]], x, t)
+        return v if token is None else self.pack(v, self.velocity(out.global_prediction, token, t))
+
+    def velocity(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = -out if self.time_reversed else out
         return self.interpolant.to_velocity(self.prediction, out, x, t)
+
+    def pack(self, image: torch.Tensor, token: torch.Tensor | None) -> torch.Tensor:
+        """The sampler's state: the image itself, or image and global token flattened side by side."""
+        return image if token is None else torch.cat([image.flatten(1), token.to(image.dtype)], dim=1)
+
+    def unpack(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.model.global_token_dim:
+            return state, None
+        m = self.model
+        pixels = state.shape[1] - m.global_token_dim
+        return state[:, :pixels].reshape(state.shape[0], m.in_channels, m.input_size, m.input_size), state[:, pixels:]
 
 
 def sample_flow(
