@@ -66,13 +66,13 @@ def test_loss_is_denoise_plus_weighted_token_loss_plus_alignment():
     align = -reg.similarity(step, reg.alignment.encoder_outputs(batch)).mean()
     expected = step.per_sample_loss.mean() + 0.03 * step.global_loss.mean() + cfg.objective.proj_coeff * align
     assert float(out.loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
-    assert float(out.logs["loss_global"]) == pytest.approx(float(step.global_loss.mean()), rel=1e-6)
+    assert float(out.logs["loss_global"]) == pytest.approx(float(step.global_loss.mean().detach()), rel=1e-6)
     assert grads["final_layer.linear_global.weight"].abs().sum() > 0  # the token's loss trains its head
     # the weight applies to the token's loss alone: the difference of two weights is exactly that loss
     heavy = build_objective(config("reg", "flow", "objective.global_weight=1.03"), model)
     heavy.alignment.projectors.load_state_dict(reg.alignment.projectors.state_dict())
     difference = heavy.loss(model, batch, step_generator(0, 0)).loss - out.loss.detach()
-    assert float(difference) == pytest.approx(float(step.global_loss.mean()), rel=1e-5)
+    assert float(difference.detach()) == pytest.approx(float(step.global_loss.mean().detach()), rel=1e-5)
     # the token is noised with the image's t and the interpolant, from the draw after the image's:
     # x_t = (1 - t) g + t eps
     generator = step_generator(0, 0)
@@ -120,3 +120,34 @@ def test_sampling_denoises_the_token_jointly_and_guidance_covers_it():
     cond = model(noise, net_t * 1000, y, global_token=token)
     torch.testing.assert_close(out.global_prediction, cond.global_prediction, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(out.prediction, cond.prediction)
+
+
+@pytest.mark.parametrize("layers", ["block", "mid"])
+def test_vrpo_with_regs_token_adds_its_weighted_loss_and_feeds_every_pass(layers):
+    _, model, _, batch = build("reg", "flow")  # a network with the 1280-wide token
+    options = ("objective.global_token=true", f"objective.layers={layers}")
+    light, heavy = (
+        build_objective(config("vrpo", "flow", *options, f"objective.global_weight={w}"), model) for w in (0.03, 1.03)
+    )
+    heavy.load_state_dict(light.state_dict())
+    record = {"lambda_s": 0.5, **{f"coef_{k}": 0.1 for k in light.rewards}}
+    assert light.options.alignment_coefficients(record)["global_token"] == 0.03
+    seen = []
+    hook = model.blocks[0].register_forward_hook(lambda m, inputs, out: seen.append(out.shape[1]))
+    with torch.no_grad():  # no statistics update: both see the same state
+        a, b = (o.loss(model, batch, step_generator(0, 0)) for o in (light, heavy))
+    hook.remove()
+    assert set(seen) == {1 + model.num_tokens}  # the main pass, the stability pass (and mid's branch) carry it
+    assert len(seen) == 2 * (3 if layers == "mid" else 2)  # two objectives, each its passes
+    assert float(b.loss - a.loss) == pytest.approx(float(a.logs["loss_global"]), rel=1e-5)
+
+
+def test_vrpo_with_the_token_trains_and_samples(tmp_path):
+    from vrpo.train import train
+
+    cfg = config("vrpo", "flow", "objective.global_token=true", "train.max_steps=2", "train.ckpt_every=2")
+    assert cfg.model.global_token_dim == 1280
+    train(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "samples" / "step_00000002.png").exists()
+    with pytest.raises(ConfigError, match="gives the network no global token"):
+        config("repa", "flow", "model.global_token_dim=1280")

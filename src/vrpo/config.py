@@ -264,9 +264,15 @@ def config_from_dict(tree: dict) -> Config:
         objective=build_section(options_cls, {**objective, "name": name}, "objective"),
         conventions=tree.get("conventions", "vrpo"),
     )
-    for key, value in cfg.objective.model_defaults().items():  # the network variant a method needs
+    needs = cfg.objective.model_defaults()
+    for key, value in needs.items():  # the network variant a method needs
         if getattr(cfg.model, key) == getattr(ModelConfig(), key):
             setattr(cfg.model, key, value)
+    if cfg.model.global_token_dim and "global_token_dim" not in needs:
+        raise ConfigError(
+            f"model.global_token_dim is {cfg.model.global_token_dim}, but objective {cfg.objective.name} gives the "
+            "network no global token: use objective reg (or vrpo with objective.global_token=true), or 0"
+        )
     validate(cfg)
     return cfg
 

@@ -109,7 +109,9 @@ class DenoisingStep:
     hidden: dict[int, torch.Tensor]
     per_sample_loss: torch.Tensor  # [B] the family's denoising loss per sample
     parts: dict[str, torch.Tensor]  # its named per-sample parts (flow: denoise; ddpm: mse, vb)
-    # REG: the global token, noised at the same t, and its own denoising loss [B] (None without one)
+    # REG: the clean global token, its noise, it noised at the same t, and its own denoising loss [B]
+    global_token: torch.Tensor | None = None
+    global_noise: torch.Tensor | None = None
     global_t: torch.Tensor | None = None
     global_loss: torch.Tensor | None = None
     hidden_global: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -173,7 +175,8 @@ class Objective(nn.Module):
         if global_token is not None:
             global_prediction = self.noising.from_network(out.global_prediction)
             step.global_loss = self.noising.loss_terms(global_prediction, global_token, global_noise, global_t, t)[0]
-            step.global_t, step.hidden_global = global_t, out.hidden_global
+            step.global_token, step.global_noise, step.global_t = global_token, global_noise, global_t
+            step.hidden_global = out.hidden_global
         return step
 
     def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> LossOutput:

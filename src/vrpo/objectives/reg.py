@@ -21,6 +21,37 @@ from vrpo.objectives.base import DenoisingStep
 from vrpo.objectives.repa import REPA, REPAOptions
 
 
+def global_token_defaults(encoders: list[str]) -> dict:
+    """The model option a method with REG's token needs: the width of its encoder's global vector."""
+    try:
+        return {"global_token_dim": global_width(encoders[0])} if encoders else {}
+    except ValueError as err:
+        raise ConfigError(f"objective.encoders: {err}") from None
+
+
+def check_global_token(cfg, encoders: list[str], weight: float) -> None:
+    """Refuse what cannot carry REG's token: several encoders, a network of another width, DDPM."""
+    if len(encoders) != 1:
+        raise ConfigError(f"REG's global token comes from one encoder, objective.encoders has {len(encoders)}")
+    width = global_width(encoders[0])
+    if cfg.model.global_token_dim != width:
+        raise ConfigError(
+            f"REG's token is {encoders[0]}'s global vector: model.global_token_dim must be its width {width}, got "
+            f"{cfg.model.global_token_dim}"
+        )
+    if weight < 0.0:
+        raise ConfigError(f"objective.global_weight must be >= 0, got {weight}")
+
+
+def check_encoder_width(model, encoder) -> None:
+    """The built encoder against the network's token width (a DINOv2 from other weights may differ)."""
+    if model.global_token_dim != encoder.global_dim:
+        raise ConfigError(
+            f"model.global_token_dim is {model.global_token_dim}, but {encoder.name}'s global token has width "
+            f"{encoder.global_dim}: set model.global_token_dim={encoder.global_dim}"
+        )
+
+
 @dataclass
 class REGOptions(REPAOptions):
     name: str = "reg"
@@ -30,24 +61,12 @@ class REGOptions(REPAOptions):
 
     def validate(self, cfg) -> None:
         super().validate(cfg)
-        if len(self.encoders) != 1:
-            raise ConfigError(f"objective reg takes the global token of one encoder, got {len(self.encoders)}")
-        width = global_width(self.encoders[0])
-        if cfg.model.global_token_dim != width:
-            raise ConfigError(
-                f"objective reg denoises {self.encoders[0]}'s global token beside the image: model.global_token_dim "
-                f"must be its width {width}, got {cfg.model.global_token_dim}"
-            )
-        if self.global_weight < 0.0:
-            raise ConfigError(f"objective.global_weight must be >= 0, got {self.global_weight}")
+        check_global_token(cfg, self.encoders, self.global_weight)
         if self.align_global and (self.projector != "mlp" or self.token_grid != "resample_targets"):
             raise ConfigError("objective.align_global needs objective.projector=mlp and token_grid=resample_targets")
 
     def model_defaults(self) -> dict:
-        try:
-            return {"global_token_dim": global_width(self.encoders[0])} if self.encoders else {}
-        except ValueError as err:
-            raise ConfigError(f"objective.encoders: {err}") from None
+        return global_token_defaults(self.encoders)
 
     def alignment_coefficients(self, record: dict[str, float]) -> dict[str, float]:
         return {**super().alignment_coefficients(record), "global_token": self.global_weight}
@@ -60,11 +79,7 @@ class REG(REPA):
     def __init__(self, options: REGOptions, cfg, model, data=None):
         super().__init__(options, cfg, model, data)
         encoder = self.alignment.encoders[0]
-        if model.global_token_dim != encoder.global_dim:
-            raise ConfigError(
-                f"model.global_token_dim is {model.global_token_dim}, but {encoder.name}'s global token has width "
-                f"{encoder.global_dim}: set model.global_token_dim={encoder.global_dim}"
-            )
+        check_encoder_width(model, encoder)
         if options.align_global and encoder.global_dim != encoder.token_dim:
             raise ConfigError(f"objective.align_global: {encoder.name}'s global and patch widths differ")
 

@@ -109,8 +109,11 @@ class VRPO(RewardStatistics, AlignmentObjective):
         """(L_denoise weighted by the policy, L_align from the pathwise rewards, logs); the loss is their sum."""
         o = self.options
         batch, images = self.grouped(batch)
-        step = self.denoise(model, batch, generator, time_groups=self.time_groups)
-        rewards, real = self.reward_components(model, batch, images, step)
+        outputs = self.alignment.encoder_outputs(images)
+        g = batch.x.shape[0] // images.x.shape[0]
+        token = repeat_rows(outputs[0][1], g) if o.global_token else None  # REG's token, per row
+        step = self.denoise(model, batch, generator, time_groups=self.time_groups, global_token=token)
+        rewards, real = self.reward_components(model, batch, step, outputs, g)
         w = self.weights()
         samples = torch.stack([rewards[k].sample.detach().double() for k in self.rewards])
         batch_values = torch.stack([rewards[k].batch for k in self.rewards])
@@ -132,6 +135,7 @@ class VRPO(RewardStatistics, AlignmentObjective):
         advantage = advantages(total, *baseline, o)
         a = policy_weights(advantage, o) if o.policy else torch.ones_like(advantage)
         denoise = (a.detach() * step.per_sample_loss).mean() if o.policy else step.per_sample_loss.mean()
+        token_loss = o.global_weight * step.global_loss.mean() if o.global_token else 0.0
         if torch.is_grad_enabled():  # a training pass (not an evaluation under no_grad)
             self.record(batch_values, samples, total, real, bins)
             if o.grad_share_every and self.counts()["steps"] % o.grad_share_every == 0:
@@ -147,12 +151,11 @@ class VRPO(RewardStatistics, AlignmentObjective):
             **self.policy_logs(advantage, a, t),
             **self.reward_logs(batch_values, w, scale),
         }
-        return denoise, align, logs
+        return denoise + token_loss, align, logs
 
-    def reward_components(self, model, batch: Batch, images: Batch, step: DenoisingStep):
-        """({reward: Reward} averaged over the rewarded blocks, real features for the fidelity statistics)."""
-        g = batch.x.shape[0] // images.x.shape[0]
-        outputs = self.alignment.encoder_outputs(images)
+    def reward_components(self, model, batch: Batch, step: DenoisingStep, outputs: list, g: int):
+        """({reward: Reward} averaged over the rewarded blocks, real features for the fidelity statistics),
+        from the encoder ``outputs`` of the distinct images, each the first of ``g`` rows in a row."""
         on_grid = self.alignment.on_model_grid(outputs)  # every reward uses the same resampled targets
         targets = [repeat_rows(y, g) for y in on_grid]
         globals_ = []
@@ -252,6 +255,7 @@ class VRPO(RewardStatistics, AlignmentObjective):
                 hidden_layers=self.layers,
                 stop_after=max(self.layers),
                 detach_after=self.cut,
+                global_token=step.global_t,
             )
             return out.hidden
         if self.options.pathwise:
@@ -266,7 +270,17 @@ class VRPO(RewardStatistics, AlignmentObjective):
         t = self.noising.earlier(step.t[:n], self.options.delta)
         x_t = self.noising.add_noise(batch.x[:n], step.noise[:n], t)
         labels = None if step.labels is None else step.labels[:n]
-        out = model(x_t, self.noising.model_time(t), labels, hidden_layers=self.layers, stop_after=max(self.layers))
+        token = None  # REG's token at t' with its same noise
+        if step.global_t is not None:
+            token = self.noising.add_noise(step.global_token[:n], step.global_noise[:n], t)
+        out = model(
+            x_t,
+            self.noising.model_time(t),
+            labels,
+            hidden_layers=self.layers,
+            stop_after=max(self.layers),
+            global_token=token,
+        )
         return {i: self.project_layer(out.hidden[i], p) for p, i in enumerate(self.layers)}
 
     # ------------------------------------------------------------ hooks

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from vrpo.errors import ConfigError
 from vrpo.objectives.alignment import AlignmentOptions
+from vrpo.objectives.reg import check_global_token, global_token_defaults
 from vrpo.transport.noising import family_of
 
 REWARDS = ("semantic", "stability", "fidelity")  # canonical order of the components
@@ -90,6 +91,9 @@ class VRPOOptions(AlignmentOptions):
     layers: str = "block"  # block (d), early (round(3L/8)), mid (L/2, cut below L/4), all (every block)
     layer_projectors: str = "shared"  # layers=all: one projector for every block, or one per block
     grad_share_every: int | None = None  # steps between gradient-share measurements at block d; 0: off
+    # REG's token (the paper's VRPO generalises REG): the encoder's global vector denoised beside the image
+    global_token: bool = False
+    global_weight: float = 0.03  # on the token's denoising loss (not policy-weighted)
 
     def __post_init__(self):
         for key, value in SPEC_DEFAULTS.get(self.spec, {}).items():
@@ -107,15 +111,24 @@ class VRPOOptions(AlignmentOptions):
         rewards then train only the heads, never the network)."""
         if "lambda_s" not in record:
             return {}
+        token = {"global_token": self.global_weight} if self.global_token else {}
         if not self.pathwise:
-            return {k: 0.0 for k in self.rewards}
+            return {**{k: 0.0 for k in self.rewards}, **token}
         scale = record["lambda_s"] * self.logged_scale(record)
         if self.standardize_pathwise and self.normalize:
             scale /= math.sqrt(max(record["R_var"], self.variance_eps))
-        return {k: record.get(f"coef_{k}", scale * record[f"w_{k}"]) for k in self.rewards}
+        logged = {k: record[f"coef_{k}"] if f"coef_{k}" in record else scale * record[f"w_{k}"] for k in self.rewards}
+        return {**logged, **token}
+
+    def model_defaults(self) -> dict:
+        return global_token_defaults(self.encoders) if self.global_token else {}
 
     def validate(self, cfg) -> None:
         super().validate(cfg)
+        if self.global_token:
+            check_global_token(cfg, self.encoders, self.global_weight)
+            if family_of(cfg.model.arch) != "flow":
+                raise ConfigError("objective.global_token (REG's token) trains SiT-* (flow) models only")
         if self.spec not in SPEC_DEFAULTS:
             raise ConfigError(f"objective.spec must be one of {', '.join(map(str, SPEC_DEFAULTS))}, got {self.spec!r}")
         for key, allowed in _CHOICES.items():
