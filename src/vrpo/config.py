@@ -20,7 +20,7 @@ import yaml
 
 from vrpo.conventions import apply_conventions, field_names
 from vrpo.errors import ConfigError
-from vrpo.models import parse_arch
+from vrpo.models import SIZES, parse_arch
 from vrpo.objectives import objective_options
 from vrpo.transport.noising import FAMILY_SAMPLERS, SAMPLERS, family_of
 
@@ -31,10 +31,16 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     qk_norm: bool = False
     global_token_dim: int = 0  # REG: the width of the encoder's global token the network also denoises
+    decoder_depth: int = 0  # DDT: the last blocks form a velocity decoder conditioned on the others' output
 
     def build_options(self) -> dict:
         """The constructor options of ``build_model`` beside the architecture and the data's shape."""
-        return dict(mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm, global_token_dim=self.global_token_dim)
+        return dict(
+            mlp_ratio=self.mlp_ratio,
+            qk_norm=self.qk_norm,
+            global_token_dim=self.global_token_dim,
+            decoder_depth=self.decoder_depth,
+        )
 
 
 @dataclass
@@ -82,6 +88,8 @@ class SamplerConfig:
     diffusion_scale: float = 1.0  # SDE: w(t) = diffusion_scale * sigma(t)
     heun_last_corrector: bool = True  # false: the last Heun step is an Euler step (official REPA/SiT)
     guidance_at: str = "evaluation"  # guidance interval tested at each evaluation's time, or at the step's start
+    encoder_sharing: int = 1  # DDT: the condition encoder runs every k-th network evaluation, reused between
+    encoder_schedule: str = "uniform"  # or optimal: as many recompute points, placed by DDT's dynamic programme
     global_cfg_scale: float | None = None  # REG's global token: its guidance scale; None: cfg_scale (official: 1.5)
     sde_last_from: float | None = None  # SDE: grid linspace(t_start, it, steps) then t_end (REPA: 0.04); None: uniform
 
@@ -336,6 +344,16 @@ def validate(cfg: Config) -> None:
         f"data.resolution {cfg.data.resolution} is not divisible by the patch size {patch} of {cfg.model.arch}",
     )
     need(cfg.model.global_token_dim >= 0, f"model.global_token_dim must be >= 0, got {cfg.model.global_token_dim}")
+    depth = SIZES[parse_arch(cfg.model.arch)[1]][1]
+    need(
+        0 <= cfg.model.decoder_depth < depth,
+        f"model.decoder_depth must be in 0..{depth - 1} for the {depth} blocks of {cfg.model.arch}, got "
+        f"{cfg.model.decoder_depth}",
+    )
+    need(
+        not (cfg.model.decoder_depth and cfg.model.global_token_dim),
+        "model.decoder_depth (DDT) with model.global_token_dim (REG) is not supported",
+    )
     t = cfg.train
     need(t.max_steps >= 1, "train.max_steps must be >= 1")
     need(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
@@ -406,6 +424,15 @@ def validate(cfg: Config) -> None:
     need(
         len(s.cfg_interval) == 2 and s.cfg_interval[0] <= s.cfg_interval[1],
         "sampler.cfg_interval must be [t_low, t_high] with t_low <= t_high",
+    )
+    need(
+        s.encoder_sharing >= 1 and s.encoder_schedule in ("uniform", "optimal"),
+        f"sampler.encoder_sharing must be >= 1 and sampler.encoder_schedule uniform or optimal, got "
+        f"{s.encoder_sharing}, {s.encoder_schedule!r}",
+    )
+    need(
+        s.encoder_sharing == 1 or (cfg.model.decoder_depth > 0 and family_of(cfg.model.arch) == "flow"),
+        "sampler.encoder_sharing > 1 shares a DDT condition encoder: it needs model.decoder_depth > 0 (SiT-*)",
     )
     need(
         not (cfg.data.unconditional and s.cfg_scale != 1.0),

@@ -18,8 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def per_token(v: torch.Tensor) -> torch.Tensor:
+    """A conditioning vector [B, D] broadcast over the tokens; token-wise ones [B, N, D] (DDT) as they are."""
+    return v.unsqueeze(1) if v.dim() == 2 else v
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return x * (1 + per_token(scale)) + per_token(shift)
 
 
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -114,8 +119,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond).chunk(6, dim=-1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = x + per_token(gate1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + per_token(gate2) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
 class FinalLayer(nn.Module):
@@ -148,6 +153,7 @@ class ModelOutput:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     global_prediction: torch.Tensor | None = None
     hidden_global: dict[int, torch.Tensor] = field(default_factory=dict)
+    condition: torch.Tensor | None = None  # DDT: the condition encoder's output [B, N, D] the decoder read
 
 
 class DiffusionTransformer(nn.Module):
@@ -164,15 +170,24 @@ class DiffusionTransformer(nn.Module):
         learn_sigma: bool = False,
         qk_norm: bool = False,
         global_token_dim: int = 0,
+        decoder_depth: int = 0,
     ):
         """``global_token_dim`` > 0: the network also denoises one global token of that width (REG's
-        encoder CLS token), embedded in front of the patch tokens with no position embedding."""
+        encoder CLS token), embedded in front of the patch tokens with no position embedding.
+
+        ``decoder_depth`` > 0 (DDT): the last blocks are a velocity decoder with its own patch
+        embedding, modulated token-wise by the condition encoder's output (blocks 1..depth -
+        decoder_depth) plus the time embedding; the final layer is modulated so too."""
         super().__init__()
+        if not 0 <= decoder_depth < depth:
+            raise ValueError(f"decoder depth {decoder_depth} must leave at least one of the {depth} blocks to encode")
+        if decoder_depth and global_token_dim:
+            raise ValueError("a decoupled (DDT) network with a global token (REG) is not supported")
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by patch size {patch_size}")
         self.input_size, self.in_channels, self.patch_size = input_size, in_channels, patch_size
         self.hidden_size, self.depth, self.num_classes = hidden_size, depth, num_classes
-        self.learn_sigma, self.global_token_dim = learn_sigma, global_token_dim
+        self.learn_sigma, self.global_token_dim, self.decoder_depth = learn_sigma, global_token_dim, decoder_depth
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.grid = input_size // patch_size
 
@@ -185,6 +200,10 @@ class DiffusionTransformer(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         self.blocks = nn.ModuleList([Block(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, global_token_dim)
+        self.decoder_embed = None  # DDT's decoder reads x_t through its own patch embedding
+        if decoder_depth:
+            with torch.random.fork_rng(devices=[]):  # initialised last, as REG's layers
+                self.decoder_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         # REG's embedding of the noised global token: a linear map, then a LayerNorm with affine weights
         self.global_embed = None
         if global_token_dim:
@@ -221,6 +240,10 @@ class DiffusionTransformer(nn.Module):
         for layer in (self.final_layer.ada[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.decoder_embed is not None:  # last, so that the rest starts as the same seed's plain network
+            w = self.decoder_embed.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(self.decoder_embed.bias)
         if extra:  # REG's layers last, so that the rest starts as the same seed's plain network
             nn.init.xavier_uniform_(extra[0].weight)
             nn.init.zeros_(extra[0].bias)
@@ -261,6 +284,7 @@ class DiffusionTransformer(nn.Module):
         stop_after: int | None = None,
         detach_after: int | None = None,
         global_token: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Predict for noisy inputs ``x`` at times ``t`` (model units) and labels ``y``.
 
@@ -271,17 +295,30 @@ class DiffusionTransformer(nn.Module):
         from this pass's later blocks sends no gradient to the embeddings or blocks
         1..detach_after (e.g. a reward that must only train the middle blocks).
         ``global_token``: the noised global token [B, D_g] of a network with one (REG), else None.
+        ``condition``: a DDT network's encoder output from an earlier call (``ModelOutput.condition``),
+        reused instead of running the encoder (encoder sharing at sampling).
         """
         wanted = set(hidden_layers)
         if any(not 1 <= i <= self.depth for i in wanted):
             raise ValueError(f"hidden layers {sorted(wanted)} outside blocks 1..{self.depth}")
         last = self.depth if stop_after is None else stop_after
+        encoder_blocks = self.depth - self.decoder_depth
         tokens, cond = self.embed(x, t, y, global_token)
         first = 0 if global_token is None else 1  # where the patch tokens start
         hidden: dict[int, torch.Tensor] = {}
         hidden_global: dict[int, torch.Tensor] = {}
-        for index, block in enumerate(self.blocks[:last], start=1):
-            tokens = block(tokens, cond)
+        start = 1
+        if condition is not None:  # the shared encoder output: the decoder alone runs
+            if not self.decoder_depth or stop_after is not None or wanted:
+                raise ValueError("a reused condition feeds a DDT decoder's full pass, without hidden states")
+            start = encoder_blocks + 1
+        for index in range(start, last + 1):
+            if index == encoder_blocks + 1 and self.decoder_depth:  # DDT: the encoder's output conditions
+                if condition is None:
+                    condition = tokens + self.t_embedder(t)[:, None]
+                cond = condition
+                tokens = self.decoder_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+            tokens = self.blocks[index - 1](tokens, cond)
             if index == detach_after:
                 tokens = tokens.detach()
             if index in wanted:
@@ -291,7 +328,13 @@ class DiffusionTransformer(nn.Module):
         if stop_after is not None:
             return ModelOutput(None, hidden, hidden_global=hidden_global)
         patches, global_prediction = self.final_layer(tokens, cond)
-        return ModelOutput(self.unpatchify(patches), hidden, global_prediction, hidden_global)
+        return ModelOutput(
+            self.unpatchify(patches),
+            hidden,
+            global_prediction,
+            hidden_global,
+            condition if self.decoder_depth else None,
+        )
 
     def forward_with_cfg(
         self,
@@ -302,17 +345,21 @@ class DiffusionTransformer(nn.Module):
         guide: torch.Tensor | None = None,
         global_token: torch.Tensor | None = None,
         global_scale: float | None = None,
+        condition: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Classifier-free guidance on every prediction channel (learned-sigma channels stay conditional)
         and on the global token (at ``global_scale``, default ``scale``).
 
         ``guide`` (bool per sample) limits guidance to samples inside a guidance interval.
+        ``condition``: DDT's shared encoder output for the doubled (conditional, then null) batch.
         """
         if scale == 1.0 and global_scale in (None, 1.0):
-            return self.forward(x, t, y, global_token=global_token)
+            return self.forward(x, t, y, global_token=global_token, condition=condition)
         null = torch.full_like(y, self.null_class)
         pair = None if global_token is None else torch.cat([global_token, global_token])
-        both = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), global_token=pair)
+        both = self.forward(
+            torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), global_token=pair, condition=condition
+        )
 
         def guided(out: torch.Tensor, s: float) -> torch.Tensor:
             cond, uncond = out.chunk(2)
@@ -322,9 +369,8 @@ class DiffusionTransformer(nn.Module):
         c = self.in_channels
         cond = both.prediction.chunk(2)[0]
         prediction = torch.cat([guided(both.prediction[:, :c], scale), cond[:, c:]], dim=1)
-        if global_token is None:
-            return ModelOutput(prediction)
-        return ModelOutput(prediction, global_prediction=guided(both.global_prediction, global_scale or scale))
+        token = None if global_token is None else guided(both.global_prediction, global_scale or scale)
+        return ModelOutput(prediction, global_prediction=token, condition=both.condition)
 
 
 # width, depth, heads

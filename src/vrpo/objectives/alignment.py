@@ -57,6 +57,12 @@ class AlignmentOptions(ScheduledOptions):
             raise ConfigError(
                 f"objective.encoder_depth {self.encoder_depth} is outside blocks 1..{depth} of {cfg.model.arch}"
             )
+        encoding = depth - cfg.model.decoder_depth  # DDT aligns a block of its condition encoder
+        if cfg.model.decoder_depth and (self.encoder_depth or default_encoder_depth(depth)) > encoding:
+            raise ConfigError(
+                f"objective.encoder_depth must name a block of DDT's condition encoder (1..{encoding}), got "
+                f"{self.encoder_depth or default_encoder_depth(depth)}"
+            )
         if self.projector_init not in PROJECTOR_INITS:
             raise ConfigError(
                 f"objective.projector_init must be one of {', '.join(PROJECTOR_INITS)}, got {self.projector_init!r}"

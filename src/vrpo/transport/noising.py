@@ -9,12 +9,16 @@ floats in [0, 1] for flow, integer indices 0..T-1 for ddpm; both run from data t
 
 from __future__ import annotations
 
+import copy
+import math
+
 import torch
 
 from vrpo.models import parse_arch
 from vrpo.transport.ddpm import create_ddpm
 from vrpo.transport.interpolants import build_interpolant, sample_timesteps
 from vrpo.transport.samplers import GuidedPrediction, sample_flow
+from vrpo.transport.sharing import EncoderSharing, optimal_schedule, sharing_costs
 
 FAMILY_OF_ARCH = {"SiT": "flow", "DiT": "ddpm"}
 FAMILY_SAMPLERS = {"flow": ("euler", "heun", "sde"), "ddpm": ("ddpm",)}
@@ -118,9 +122,15 @@ class FlowNoising(Noising):
         token = None
         if model.global_token_dim:
             token = torch.randn((noise.shape[0], model.global_token_dim), generator=generator).to(noise.device)
-        state = sample_flow(
+        if model.decoder_depth:  # DDT: the condition encoder's output is shared between evaluations
+            guided.sharing = self.sharing(guided, options, noise, labels)
+        state = self.integrate(guided, guided.pack(noise, token), options, generator)
+        return guided.unpack(state)[0]
+
+    def integrate(self, guided: GuidedPrediction, state: torch.Tensor, options: dict, generator) -> torch.Tensor:
+        return sample_flow(
             guided,
-            guided.pack(noise, token),
+            state,
             options["method"],
             options["steps"],
             options["t_start"],
@@ -131,7 +141,23 @@ class FlowNoising(Noising):
             options["guidance_at"],
             options["sde_last_from"],
         )
-        return guided.unpack(state)[0]
+
+    def sharing(self, guided: GuidedPrediction, options: dict, noise: torch.Tensor, labels) -> EncoderSharing:
+        """DDT's encoder sharing for one run: every ``encoder_sharing``-th evaluation, or as many
+        recompute points placed by the dynamic programme on a template batch (8 samples, seed 0)."""
+        every = options["encoder_sharing"]
+        if options["encoder_schedule"] != "optimal" or every == 1:
+            return EncoderSharing(every=every)
+        template = torch.Generator().manual_seed(0)
+        rows = min(8, noise.shape[0])
+        template_noise = torch.randn((rows, *noise.shape[1:]), generator=template).to(noise.device)
+        probe = copy.copy(guided)
+        probe.labels = None if labels is None else labels[:rows]
+        probe.sharing = EncoderSharing(record=True)
+        self.integrate(probe, template_noise, options, template)
+        evaluations = len(probe.sharing.history)
+        points = optimal_schedule(sharing_costs(probe.sharing.history), math.ceil(evaluations / every))
+        return EncoderSharing(recompute=points)
 
 
 class DDPMNoising(Noising):

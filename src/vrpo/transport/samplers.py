@@ -109,6 +109,7 @@ class GuidedPrediction:
         self.prediction, self.cfg_scale, self.interval, self.time_scale = prediction, cfg_scale, interval, time_scale
         self.global_cfg_scale = cfg_scale if global_cfg_scale is None else global_cfg_scale
         self.guided = cfg_scale != 1.0 or (model.global_token_dim > 0 and self.global_cfg_scale != 1.0)
+        self.sharing = None  # DDT's EncoderSharing of this sampling run (vrpo.transport.sharing)
         if self.guided and labels is None:
             raise ValueError("classifier-free guidance needs class labels (cfg_scale != 1 on an unconditional model)")
 
@@ -116,14 +117,21 @@ class GuidedPrediction:
         """The network's guided ``ModelOutput`` (all channels) at interpolant time t; guidance applies
         where ``guide_t`` (default t) lies in the interval."""
         net_t = (1 - t if self.time_reversed else t) * self.time_scale
+        extra = {} if global_token is None else {"global_token": global_token}
+        if self.sharing is not None:  # guidance doubles the batch at every evaluation, the same all run
+            extra["condition"] = self.sharing.condition(x.shape[0] * (2 if self.guided else 1))
         if not self.guided:
-            return self.model(x, net_t, self.labels, **({} if global_token is None else {"global_token": global_token}))
-        low, high = self.interval
-        decide = t if guide_t is None else guide_t
-        guide = (decide >= low) & (decide <= high)
-        return self.model.forward_with_cfg(
-            x, net_t, self.labels, self.cfg_scale, guide, global_token, self.global_cfg_scale
-        )
+            out = self.model(x, net_t, self.labels, **extra)
+        else:
+            low, high = self.interval
+            decide = t if guide_t is None else guide_t
+            guide = (decide >= low) & (decide <= high)
+            out = self.model.forward_with_cfg(
+                x, net_t, self.labels, self.cfg_scale, guide, global_scale=self.global_cfg_scale, **extra
+            )
+        if self.sharing is not None:
+            self.sharing.keep(out.condition)
+        return out
 
     def raw(self, x: torch.Tensor, t: torch.Tensor, guide_t: torch.Tensor | None = None) -> torch.Tensor:
         return self.output(x, t, guide_t).prediction
