@@ -25,7 +25,9 @@ def test_the_decoder_is_modulated_token_wise_by_the_encoders_output():
     x, t, y = torch.randn(3, 1, 32, 32), torch.rand(3) * 1000, torch.tensor([0, 1, 2])
     seen = {}
     for index in (4, 5):  # encoder block 4, decoder block 5 of 6
-        model.blocks[index - 1].ada.register_forward_hook(lambda m, i, o, k=index: seen.setdefault(k, i[0].shape) and None)
+        model.blocks[index - 1].ada.register_forward_hook(
+            lambda m, i, o, k=index: seen.setdefault(k, i[0].shape) and None
+        )
     out = model(x, t, y, hidden_layers=(4,))
     assert seen[4] == (3, model.hidden_size) and seen[5] == (3, model.num_tokens, model.hidden_size)
     torch.testing.assert_close(out.condition, out.hidden[4] + model.t_embedder(t)[:, None])

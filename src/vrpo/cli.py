@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from vrpo.config import load_config
+from vrpo.config import load_config, parse_override
 from vrpo.data import DataError, load_dataset
 from vrpo.encoders.cache import CacheMismatch, build_feature_caches
 from vrpo.errors import ConfigError, EvalError
@@ -50,6 +50,7 @@ def _sample(args) -> int:
         method=args.sampler,
         steps=args.steps,
         cfg_scale=args.cfg,
+        **dict(parse_override(text.removeprefix("sampler.")) for text in args.set),
     )
     print(f"wrote {args.num} samples to {out} (grid: {out.with_suffix('.png')})")
     return 0
@@ -181,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's config)")
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS))
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another sampler option, e.g. encoder_sharing=2 (DDT), representation_guidance=1.5 (ReDi), "
+        "global_cfg_scale=1.5 (REG)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")

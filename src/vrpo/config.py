@@ -32,6 +32,7 @@ class ModelConfig:
     qk_norm: bool = False
     global_token_dim: int = 0  # REG: the width of the encoder's global token the network also denoises
     decoder_depth: int = 0  # DDT: the last blocks form a velocity decoder conditioned on the others' output
+    representation_channels: int = 0  # ReDi: channels of encoder principal components generated with the image
 
     def build_options(self) -> dict:
         """The constructor options of ``build_model`` beside the architecture and the data's shape."""
@@ -40,6 +41,7 @@ class ModelConfig:
             qk_norm=self.qk_norm,
             global_token_dim=self.global_token_dim,
             decoder_depth=self.decoder_depth,
+            representation_channels=self.representation_channels,
         )
 
 
@@ -90,6 +92,7 @@ class SamplerConfig:
     guidance_at: str = "evaluation"  # guidance interval tested at each evaluation's time, or at the step's start
     encoder_sharing: int = 1  # DDT: the condition encoder runs every k-th network evaluation, reused between
     encoder_schedule: str = "uniform"  # or optimal: as many recompute points, placed by DDT's dynamic programme
+    representation_guidance: float = 1.0  # ReDi: guide away from the pass without its representation channels
     global_cfg_scale: float | None = None  # REG's global token: its guidance scale; None: cfg_scale (official: 1.5)
     sde_last_from: float | None = None  # SDE: grid linspace(t_start, it, steps) then t_end (REPA: 0.04); None: uniform
 
@@ -276,13 +279,26 @@ def config_from_dict(tree: dict) -> Config:
     for key, value in needs.items():  # the network variant a method needs
         if getattr(cfg.model, key) == getattr(ModelConfig(), key):
             setattr(cfg.model, key, value)
-    if cfg.model.global_token_dim and "global_token_dim" not in needs:
-        raise ConfigError(
-            f"model.global_token_dim is {cfg.model.global_token_dim}, but objective {cfg.objective.name} gives the "
-            "network no global token: use objective reg (or vrpo with objective.global_token=true), or 0"
-        )
+    for key, method in (("global_token_dim", "reg (or vrpo with global_token)"), ("representation_channels", "redi")):
+        if getattr(cfg.model, key) and key not in needs:  # a network input that this objective would not give
+            raise ConfigError(
+                f"model.{key} is {getattr(cfg.model, key)}, but objective {cfg.objective.name} does not feed it: "
+                f"use objective {method}, or 0"
+            )
     validate(cfg)
     return cfg
+
+
+def with_sampler(cfg: Config, **overrides) -> Config:
+    """``cfg`` with these sampler fields (None keeps one), checked as a loaded config is."""
+    fields = {f.name for f in dataclasses.fields(SamplerConfig)}
+    for key in overrides:
+        if key not in fields:
+            raise ConfigError(f"unknown sampler option '{key}'{_closest(key, sorted(fields))}")
+    sampler = dataclasses.replace(cfg.sampler, **{k: v for k, v in overrides.items() if v is not None})
+    updated = dataclasses.replace(cfg, sampler=sampler)
+    validate(updated)
+    return updated
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -433,6 +449,11 @@ def validate(cfg: Config) -> None:
     need(
         s.encoder_sharing == 1 or (cfg.model.decoder_depth > 0 and family_of(cfg.model.arch) == "flow"),
         "sampler.encoder_sharing > 1 shares a DDT condition encoder: it needs model.decoder_depth > 0 (SiT-*)",
+    )
+    need(
+        s.representation_guidance == 1.0 or (cfg.model.representation_channels > 0 and s.cfg_scale == 1.0),
+        "sampler.representation_guidance != 1 needs model.representation_channels > 0 (ReDi) and "
+        "sampler.cfg_scale 1 (the two guidances are not combined)",
     )
     need(
         not (cfg.data.unconditional and s.cfg_scale != 1.0),

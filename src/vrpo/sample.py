@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vrpo.config import with_sampler
 from vrpo.data import keyed_generator
 from vrpo.runs import load_run_model
 from vrpo.transport import generate
@@ -65,6 +66,8 @@ def sample_run(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg, model, step = load_run_model(run_dir, device=device)
+    cfg = with_sampler(cfg, **sampler_overrides)  # refused in one line if they cannot sample this run
+    sampler_overrides = {}
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ def block_states(
     ``noising`` is the run's forward process (its objective's); ``t`` is the fraction of the way
     from data to noise. Labels are the null class: class labels in the input would make the
     probe trivial. Batch b's noise is keyed on (seed, b), the same at every timestep. A network
-    with a global token (REG) gets it as pure noise.
+    with a global token (REG) gets it as pure noise; ReDi's representation channels are zero.
     """
     device = next(model.parameters()).device
     pooled: dict[float, list] = {t: [] for t in timesteps}
@@ -51,6 +51,8 @@ def block_states(
     for start in range(0, len(images), batch_size):
         pixels = images[start : start + batch_size].to(device)
         x = to_model_space(pixels)
+        if model.representation_channels:  # ReDi's channels absent (zero), as its dropout trains them
+            x = torch.cat([x, x.new_zeros(x.shape[0], model.representation_channels, *x.shape[2:])], dim=1)
         generator = keyed_generator(seed, start)
         noise = torch.randn(x.shape, generator=generator).to(device)
         # REG's global token enters as pure noise: it carries no information and the probe reads the image
@@ -113,9 +115,9 @@ def evaluate_representations(
     split = other_split or split
     root = cfg.data.root if name == cfg.data.name else None  # a user's copy elsewhere: $VRPO_DATA_ROOT
     held_out = balanced_subset(load_split(name, split, root, cfg.data.resolution), num, seed)
-    if held_out.images.shape[1] != model.in_channels:
+    if held_out.images.shape[1] != model.image_channels:
         raise EvalError(
-            f"{name}:{split} has {held_out.images.shape[1]} channel(s), the run's model takes {model.in_channels}"
+            f"{name}:{split} has {held_out.images.shape[1]} channel(s), the run's model takes {model.image_channels}"
         )
     cfg = replace(cfg, objective=cfg.objective.without_feature_cache())  # held-out images are not in the training cache
     objective = build_objective(cfg, model, held_out).to(device)

@@ -171,13 +171,17 @@ class DiffusionTransformer(nn.Module):
         qk_norm: bool = False,
         global_token_dim: int = 0,
         decoder_depth: int = 0,
+        representation_channels: int = 0,
     ):
         """``global_token_dim`` > 0: the network also denoises one global token of that width (REG's
         encoder CLS token), embedded in front of the patch tokens with no position embedding.
 
         ``decoder_depth`` > 0 (DDT): the last blocks are a velocity decoder with its own patch
         embedding, modulated token-wise by the condition encoder's output (blocks 1..depth -
-        decoder_depth) plus the time embedding; the final layer is modulated so too."""
+        decoder_depth) plus the time embedding; the final layer is modulated so too.
+
+        ``representation_channels`` K > 0 (ReDi): the input and output carry K more channels after
+        the image's (the encoder features' principal components), generated jointly with it."""
         super().__init__()
         if not 0 <= decoder_depth < depth:
             raise ValueError(f"decoder depth {decoder_depth} must leave at least one of the {depth} blocks to encode")
@@ -185,6 +189,8 @@ class DiffusionTransformer(nn.Module):
             raise ValueError("a decoupled (DDT) network with a global token (REG) is not supported")
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by patch size {patch_size}")
+        self.image_channels, self.representation_channels = in_channels, representation_channels
+        in_channels = in_channels + representation_channels
         self.input_size, self.in_channels, self.patch_size = input_size, in_channels, patch_size
         self.hidden_size, self.depth, self.num_classes = hidden_size, depth, num_classes
         self.learn_sigma, self.global_token_dim, self.decoder_depth = learn_sigma, global_token_dim, decoder_depth
@@ -335,6 +341,16 @@ class DiffusionTransformer(nn.Module):
             hidden_global,
             condition if self.decoder_depth else None,
         )
+
+    def forward_with_rg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, scale: float) -> ModelOutput:
+        """ReDi's representation guidance: the image channels guided away from the pass whose
+        representation channels are zeroed, v0 + scale (v - v0); the representation channels stay."""
+        absent = x.clone()
+        absent[:, self.image_channels :] = 0
+        both = self.forward(torch.cat([x, absent]), torch.cat([t, t]), None if y is None else torch.cat([y, y]))
+        present, without = both.prediction.chunk(2)
+        c = self.image_channels
+        return ModelOutput(torch.cat([without[:, :c] + scale * (present[:, :c] - without[:, :c]), present[:, c:]], 1))
 
     def forward_with_cfg(
         self,

@@ -23,6 +23,7 @@ _MODULES = {
     "dispersive": ("vrpo.objectives.dispersive", "Dispersive"),
     "sra": ("vrpo.objectives.sra", "SRA"),
     "reg": ("vrpo.objectives.reg", "REG"),
+    "redi": ("vrpo.objectives.redi", "ReDi"),
 }
 
 

@@ -41,7 +41,7 @@ def load_run_model(run_dir: str | Path, which: str = "ema", device: str = "cpu",
     weights, step = load_weights(Path(run_dir), which, step)
     has_labels = "y_embedder.table.weight" in weights
     num_classes = weights["y_embedder.table.weight"].shape[0] - 1 if has_labels else 0
-    channels = weights["patch_embed.weight"].shape[1]
+    channels = weights["patch_embed.weight"].shape[1] - cfg.model.representation_channels  # the image's
     model = build_model(
         cfg.model.arch,
         cfg.data.resolution,

@@ -309,7 +309,8 @@ class Trainer:
             return None
         t, d = self.cfg.train, self.data
         gen = torch.Generator().manual_seed(t.seed + 0x5EED)  # the same noise at every step
-        noise = torch.randn((t.sample_grid, d.channels, d.resolution, d.resolution), generator=gen).to(self.device)
+        shape = (t.sample_grid, self.model.in_channels, d.resolution, d.resolution)  # ReDi's channels too
+        noise = torch.randn(shape, generator=gen).to(self.device)
         labels = (torch.arange(t.sample_grid) % d.num_classes).to(self.device) if self.conditional else None
         with self.autocast():
             x = generate(self.ema, self.cfg, labels, noise, gen)

@@ -117,6 +117,7 @@ class FlowNoising(Noising):
             tr.time_scale,
             self.reversed,
             options["global_cfg_scale"],
+            options["representation_guidance"],
         )
         # REG: the global token starts from its own noise, drawn after the image's from the same generator
         token = None
@@ -125,7 +126,7 @@ class FlowNoising(Noising):
         if model.decoder_depth:  # DDT: the condition encoder's output is shared between evaluations
             guided.sharing = self.sharing(guided, options, noise, labels)
         state = self.integrate(guided, guided.pack(noise, token), options, generator)
-        return guided.unpack(state)[0]
+        return guided.unpack(state)[0][:, : model.image_channels]  # ReDi's representation channels dropped
 
     def integrate(self, guided: GuidedPrediction, state: torch.Tensor, options: dict, generator) -> torch.Tensor:
         return sample_flow(

@@ -90,6 +90,8 @@ class GuidedPrediction:
     ``time_scale`` maps the interpolant's t in [0, 1] to the network's time input. A network
     with a global token (REG) is sampled on the joint state ``pack(image, token)``: both are
     denoised together, and guidance covers the token at ``global_cfg_scale`` (default cfg_scale).
+    A ReDi network's representation channels are part of x; ``representation_guidance`` guides
+    its image channels away from the pass without them.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class GuidedPrediction:
         time_scale: float = 1000.0,
         time_reversed: bool = False,
         global_cfg_scale: float | None = None,
+        representation_guidance: float = 1.0,
     ):
         self.time_reversed = time_reversed  # the network's t = 1 is data and its velocity data - noise
         self.model, self.labels, self.interpolant = model, labels, interpolant
@@ -110,6 +113,7 @@ class GuidedPrediction:
         self.global_cfg_scale = cfg_scale if global_cfg_scale is None else global_cfg_scale
         self.guided = cfg_scale != 1.0 or (model.global_token_dim > 0 and self.global_cfg_scale != 1.0)
         self.sharing = None  # DDT's EncoderSharing of this sampling run (vrpo.transport.sharing)
+        self.representation_guidance = representation_guidance  # ReDi's, instead of classifier-free guidance
         if self.guided and labels is None:
             raise ValueError("classifier-free guidance needs class labels (cfg_scale != 1 on an unconditional model)")
 
@@ -117,6 +121,8 @@ class GuidedPrediction:
         """The network's guided ``ModelOutput`` (all channels) at interpolant time t; guidance applies
         where ``guide_t`` (default t) lies in the interval."""
         net_t = (1 - t if self.time_reversed else t) * self.time_scale
+        if self.representation_guidance != 1.0:
+            return self.model.forward_with_rg(x, net_t, self.labels, self.representation_guidance)
         extra = {} if global_token is None else {"global_token": global_token}
         if self.sharing is not None:  # guidance doubles the batch at every evaluation, the same all run
             extra["condition"] = self.sharing.condition(x.shape[0] * (2 if self.guided else 1))
