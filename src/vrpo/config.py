@@ -33,6 +33,7 @@ class ModelConfig:
     global_token_dim: int = 0  # REG: the width of the encoder's global token the network also denoises
     decoder_depth: int = 0  # DDT: the last blocks form a velocity decoder conditioned on the others' output
     representation_channels: int = 0  # ReDi: channels of encoder principal components generated with the image
+    branch_blocks: list[int] = field(default_factory=list)  # DeepFlow: the blocks that end a branch (a head each)
 
     def build_options(self) -> dict:
         """The constructor options of ``build_model`` beside the architecture and the data's shape."""
@@ -42,6 +43,7 @@ class ModelConfig:
             global_token_dim=self.global_token_dim,
             decoder_depth=self.decoder_depth,
             representation_channels=self.representation_channels,
+            branch_blocks=list(self.branch_blocks),
         )
 
 
@@ -275,11 +277,15 @@ def config_from_dict(tree: dict) -> Config:
         objective=build_section(options_cls, {**objective, "name": name}, "objective"),
         conventions=tree.get("conventions", "vrpo"),
     )
-    needs = cfg.objective.model_defaults()
+    needs = cfg.objective.model_defaults(cfg.model.arch)
     for key, value in needs.items():  # the network variant a method needs
         if getattr(cfg.model, key) == getattr(ModelConfig(), key):
             setattr(cfg.model, key, value)
-    for key, method in (("global_token_dim", "reg (or vrpo with global_token)"), ("representation_channels", "redi")):
+    for key, method in (
+        ("global_token_dim", "reg (or vrpo with global_token)"),
+        ("representation_channels", "redi"),
+        ("branch_blocks", "deepflow"),
+    ):
         if getattr(cfg.model, key) and key not in needs:  # a network input that this objective would not give
             raise ConfigError(
                 f"model.{key} is {getattr(cfg.model, key)}, but objective {cfg.objective.name} does not feed it: "

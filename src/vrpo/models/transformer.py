@@ -154,6 +154,8 @@ class ModelOutput:
     global_prediction: torch.Tensor | None = None
     hidden_global: dict[int, torch.Tensor] = field(default_factory=dict)
     condition: torch.Tensor | None = None  # DDT: the condition encoder's output [B, N, D] the decoder read
+    branch_predictions: list[torch.Tensor] = field(default_factory=list)  # DeepFlow: each earlier branch's head
+    accelerations: list[torch.Tensor] = field(default_factory=list)  # DeepFlow: VeRA's, one per earlier branch
 
 
 class DiffusionTransformer(nn.Module):
@@ -426,6 +428,13 @@ def build_model(arch: str, input_size: int, in_channels: int, num_classes: int, 
     width, depth, heads = SIZES[size]
     kwargs = dict(hidden_size=width, depth=depth, num_heads=heads, learn_sigma=family == "DiT")
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    if kwargs.get("branch_blocks"):  # DeepFlow's branched network
+        from vrpo.models.deepflow import DeepFlowTransformer
+
+        return DeepFlowTransformer(
+            input_size=input_size, in_channels=in_channels, patch_size=patch, num_classes=num_classes, **kwargs
+        )
+    kwargs.pop("branch_blocks", None)
     return DiffusionTransformer(
         input_size=input_size, in_channels=in_channels, patch_size=patch, num_classes=num_classes, **kwargs
     )

@@ -24,6 +24,7 @@ _MODULES = {
     "sra": ("vrpo.objectives.sra", "SRA"),
     "reg": ("vrpo.objectives.reg", "REG"),
     "redi": ("vrpo.objectives.redi", "ReDi"),
+    "deepflow": ("vrpo.objectives.deepflow", "DeepFlow"),
 }
 
 

@@ -67,9 +67,9 @@ class ObjectiveOptions:
         keys that keep its meaning today (a saved config is resolved: every key it had then is there)."""
         return section
 
-    def model_defaults(self) -> dict:
-        """Options of the config's model section this method needs (REG: the global token's width),
-        applied where the config leaves them at their defaults."""
+    def model_defaults(self, arch: str) -> dict:
+        """Options of the config's model section this method needs for ``arch`` (REG: the global
+        token's width; DeepFlow: its branches), applied where the config leaves them at their defaults."""
         return {}
 
     def leaves_parameters_unused(self) -> bool:
@@ -115,6 +115,7 @@ class DenoisingStep:
     global_t: torch.Tensor | None = None
     global_loss: torch.Tensor | None = None
     hidden_global: dict[int, torch.Tensor] = field(default_factory=dict)
+    output: object = None  # the network's whole ModelOutput (DeepFlow's branch heads)
 
     def logs(self) -> dict[str, torch.Tensor]:
         logs = {f"loss_{name}": value.mean().detach() for name, value in self.parts.items()}
@@ -150,11 +151,14 @@ class Objective(nn.Module):
         generator: torch.Generator,
         time_groups: int = 1,
         global_token: torch.Tensor | None = None,
+        extra_inputs=None,
     ) -> DenoisingStep:
         """One noised pass; ``time_groups`` consecutive rows share one drawn time (a group's draws).
 
         ``global_token`` [B, D_g] (REG): a clean token the network denoises beside the image, noised
         with the same interpolant and t; its loss is ``global_loss``.
+        ``extra_inputs(t, generator)``: more keyword inputs of the network, drawn after the standard
+        draws (DeepFlow's branch times).
         """
         # Draw order (t, noise, label dropout, then the token's noise) is fixed so that every method
         # sees the same draws.
@@ -168,10 +172,11 @@ class Objective(nn.Module):
         if global_token is not None:
             global_noise = randn_like(global_token, generator)
             global_t = self.noising.add_noise(global_token, global_noise, t)
-        out = model(x_t, model_t, labels, hidden_layers=self.hidden_layers(), global_token=global_t)
+        more = {} if extra_inputs is None else extra_inputs(t, generator)
+        out = model(x_t, model_t, labels, hidden_layers=self.hidden_layers(), global_token=global_t, **more)
         prediction = self.noising.from_network(out.prediction)
         per_sample, parts = self.noising.loss_terms(prediction, x, noise, x_t, t)
-        step = DenoisingStep(t, model_t, noise, x_t, labels, prediction, out.hidden, per_sample, parts)
+        step = DenoisingStep(t, model_t, noise, x_t, labels, prediction, out.hidden, per_sample, parts, output=out)
         if global_token is not None:
             global_prediction = self.noising.from_network(out.global_prediction)
             step.global_loss = self.noising.loss_terms(global_prediction, global_token, global_noise, global_t, t)[0]

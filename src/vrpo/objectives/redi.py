@@ -54,7 +54,7 @@ class ReDiOptions(REPAOptions):
         if not 0.0 <= self.representation_dropout < 1.0 or self.representation_weight < 0.0:
             raise ConfigError("objective.representation_dropout must be in [0, 1) and representation_weight >= 0")
 
-    def model_defaults(self) -> dict:
+    def model_defaults(self, arch: str) -> dict:
         return {"representation_channels": self.components}
 
     def alignment_coefficients(self, record: dict[str, float]) -> dict[str, float]:

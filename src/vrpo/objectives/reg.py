@@ -65,7 +65,7 @@ class REGOptions(REPAOptions):
         if self.align_global and (self.projector != "mlp" or self.token_grid != "resample_targets"):
             raise ConfigError("objective.align_global needs objective.projector=mlp and token_grid=resample_targets")
 
-    def model_defaults(self) -> dict:
+    def model_defaults(self, arch: str) -> dict:
         return global_token_defaults(self.encoders)
 
     def alignment_coefficients(self, record: dict[str, float]) -> dict[str, float]:

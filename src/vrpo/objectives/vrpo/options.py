@@ -120,7 +120,7 @@ class VRPOOptions(AlignmentOptions):
         logged = {k: record[f"coef_{k}"] if f"coef_{k}" in record else scale * record[f"w_{k}"] for k in self.rewards}
         return {**logged, **token}
 
-    def model_defaults(self) -> dict:
+    def model_defaults(self, arch: str) -> dict:
         return global_token_defaults(self.encoders) if self.global_token else {}
 
     def validate(self, cfg) -> None:
