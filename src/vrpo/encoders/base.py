@@ -114,6 +114,12 @@ class FrozenEncoder(nn.Module, abc.ABC):
         with torch.no_grad():
             return self.encode(self.preprocess(images))
 
+    exposes_attention: bool = False  # a ViT's attention maps are alignment targets (HASTE)
+
+    def attention_maps(self, images: Tensor, blocks) -> dict[int, Tensor]:
+        """{block (1-based): patch-to-patch attention logits [B, H, N, N]} for uint8 images."""
+        raise ValueError(f"{self.name} exposes no attention maps (HASTE's attention term needs a ViT: DINOv2)")
+
     # -- helpers shared by subclasses ----------------------------------------
     def _set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Per-channel mean/std in 0..255 pixel units.

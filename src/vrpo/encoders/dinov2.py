@@ -149,6 +149,12 @@ class DINOv2Encoder(FrozenEncoder):
     def preprocess(self, images: Tensor) -> Tensor:
         return self._normalize(self._resize_rgb(images, (self.input_size, self.input_size)))
 
+    exposes_attention = True
+
+    def attention_maps(self, images: Tensor, blocks) -> dict[int, Tensor]:
+        with torch.no_grad():
+            return self.vit.forward_features(self.preprocess(images), attention_blocks=set(blocks))["attention"]
+
     def encode(self, x: Tensor) -> EncoderOutput:
         out = self.vit.forward_features(x)
         # contiguous: slices of the full sequence would drag it along into torch.save

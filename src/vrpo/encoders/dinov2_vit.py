@@ -108,6 +108,12 @@ class _Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
+    def logits(self, x: Tensor) -> Tensor:
+        """q k^T / sqrt(d_head) [B, H, N, N]: the attention before its softmax."""
+        b, n, d = x.shape
+        q, k, _ = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return q @ k.transpose(-2, -1) / (d // self.num_heads) ** 0.5
+
 
 class _Mlp(nn.Module):
     def __init__(self, cfg: DINOv2Config) -> None:
@@ -196,8 +202,9 @@ class DinoVisionTransformer(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)
         return torch.cat([pos[:, :1], patch_pos], dim=1).to(self.pos_embed.dtype)
 
-    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
-        """Normalised image -> dict with x_norm_clstoken / x_norm_patchtokens (hub naming)."""
+    def forward_features(self, x: Tensor, attention_blocks=()) -> dict[str, Tensor]:
+        """Normalised image -> dict with x_norm_clstoken / x_norm_patchtokens (hub naming); with
+        ``attention_blocks`` (1-based), also "attention": {block: patch-to-patch logits [B, H, N, N]}."""
         p = self.cfg.patch_size
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
@@ -210,7 +217,10 @@ class DinoVisionTransformer(nn.Module):
         if r:
             # Registers go after CLS and carry no position embedding.
             tok = torch.cat([tok[:, :1], self.register_tokens.expand(tok.shape[0], -1, -1), tok[:, 1:]], dim=1)
-        for blk in self.blocks:
+        attention = {}
+        for index, blk in enumerate(self.blocks, start=1):
+            if index in attention_blocks:  # CLS and registers left out: the patches attend to the patches
+                attention[index] = blk.attn.logits(blk.norm1(tok))[:, :, 1 + r :, 1 + r :]
             tok = blk(tok)
         tok = self.norm(tok)
         return {
@@ -218,4 +228,5 @@ class DinoVisionTransformer(nn.Module):
             "x_norm_regtokens": tok[:, 1 : 1 + r],
             "x_norm_patchtokens": tok[:, 1 + r :],
             "grid": (h, w),
+            "attention": attention,
         }

@@ -95,6 +95,12 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention logits q k^T / sqrt(d_head) [B, H, N, N] (HASTE aligns their softmax)."""
+        b, n, d = x.shape
+        q, k, _ = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return self.q_norm(q) @ self.k_norm(k).transpose(-2, -1) / math.sqrt(d // self.heads)
+
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -116,6 +122,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def attention_logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """This block's attention logits for its input ``x`` (recomputed: the fused attention keeps none)."""
+        shift1, scale1 = self.ada(cond).chunk(6, dim=-1)[:2]
+        return self.attn.logits(modulate(self.norm1(x), shift1, scale1))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond).chunk(6, dim=-1)
@@ -156,6 +167,7 @@ class ModelOutput:
     condition: torch.Tensor | None = None  # DDT: the condition encoder's output [B, N, D] the decoder read
     branch_predictions: list[torch.Tensor] = field(default_factory=list)  # DeepFlow: each earlier branch's head
     accelerations: list[torch.Tensor] = field(default_factory=list)  # DeepFlow: VeRA's, one per earlier branch
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)  # requested blocks' logits [B, H, N, N]
 
 
 class DiffusionTransformer(nn.Module):
@@ -293,6 +305,7 @@ class DiffusionTransformer(nn.Module):
         detach_after: int | None = None,
         global_token: torch.Tensor | None = None,
         condition: torch.Tensor | None = None,
+        attention_layers: Iterable[int] = (),
     ) -> ModelOutput:
         """Predict for noisy inputs ``x`` at times ``t`` (model units) and labels ``y``.
 
@@ -305,6 +318,7 @@ class DiffusionTransformer(nn.Module):
         ``global_token``: the noised global token [B, D_g] of a network with one (REG), else None.
         ``condition``: a DDT network's encoder output from an earlier call (``ModelOutput.condition``),
         reused instead of running the encoder (encoder sharing at sampling).
+        ``attention_layers``: 1-based blocks whose attention logits are returned (``ModelOutput.attention``).
         """
         wanted = set(hidden_layers)
         if any(not 1 <= i <= self.depth for i in wanted):
@@ -315,6 +329,8 @@ class DiffusionTransformer(nn.Module):
         first = 0 if global_token is None else 1  # where the patch tokens start
         hidden: dict[int, torch.Tensor] = {}
         hidden_global: dict[int, torch.Tensor] = {}
+        attention: dict[int, torch.Tensor] = {}
+        attend = set(attention_layers)
         start = 1
         if condition is not None:  # the shared encoder output: the decoder alone runs
             if not self.decoder_depth or stop_after is not None or wanted:
@@ -326,6 +342,8 @@ class DiffusionTransformer(nn.Module):
                     condition = tokens + self.t_embedder(t)[:, None]
                 cond = condition
                 tokens = self.decoder_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+            if index in attend:
+                attention[index] = self.blocks[index - 1].attention_logits(tokens, cond)
             tokens = self.blocks[index - 1](tokens, cond)
             if index == detach_after:
                 tokens = tokens.detach()
@@ -334,14 +352,11 @@ class DiffusionTransformer(nn.Module):
                 if first:
                     hidden_global[index] = tokens[:, 0]
         if stop_after is not None:
-            return ModelOutput(None, hidden, hidden_global=hidden_global)
+            return ModelOutput(None, hidden, hidden_global=hidden_global, attention=attention)
         patches, global_prediction = self.final_layer(tokens, cond)
+        shared = condition if self.decoder_depth else None
         return ModelOutput(
-            self.unpatchify(patches),
-            hidden,
-            global_prediction,
-            hidden_global,
-            condition if self.decoder_depth else None,
+            self.unpatchify(patches), hidden, global_prediction, hidden_global, shared, attention=attention
         )
 
     def forward_with_rg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, scale: float) -> ModelOutput:

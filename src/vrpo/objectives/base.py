@@ -15,7 +15,8 @@ and synchronised with the network. What a caller may ask of it:
 - ``noising`` (and ``family``): the forward process it trains on, from the config's model
   family; ``denoise`` runs one noised pass through it, which every method builds on.
 - ``alignment``: its encoder targets and projectors (``AlignmentTargets``), or None.
-- ``hidden_layers()``: the blocks whose outputs its loss reads.
+- ``hidden_layers()``: the blocks whose outputs its loss reads; ``attention_layers()`` those whose
+  attention logits it reads (HASTE's term).
 - ``loss(model, batch, generator)``: the scalar to minimise and the numbers to log. All
   randomness comes from ``generator``, which the loop keys on (seed, step, micro-batch),
   so runs resume exactly and methods with one seed are paired.
@@ -144,6 +145,10 @@ class Objective(nn.Module):
         """Blocks whose outputs this method reads (1-based)."""
         return ()
 
+    def attention_layers(self) -> tuple[int, ...]:
+        """Blocks whose attention logits this method reads (1-based; HASTE's term)."""
+        return ()
+
     def denoise(
         self,
         model,
@@ -173,6 +178,8 @@ class Objective(nn.Module):
             global_noise = randn_like(global_token, generator)
             global_t = self.noising.add_noise(global_token, global_noise, t)
         more = {} if extra_inputs is None else extra_inputs(t, generator)
+        if self.attention_layers():
+            more["attention_layers"] = self.attention_layers()
         out = model(x_t, model_t, labels, hidden_layers=self.hidden_layers(), global_token=global_t, **more)
         prediction = self.noising.from_network(out.prediction)
         per_sample, parts = self.noising.loss_terms(prediction, x, noise, x_t, t)
