@@ -1,11 +1,15 @@
 """DDP on the CPU (gloo): two ranks equal one process that accumulates the same global batch,
 for every family and for the methods that keep running statistics (VRPO's are reduced across
-ranks before they update), through the real CLI."""
+ranks before they update), through the real CLI; a rank killed mid-run stops the others in one line, and SIGKILLed runs
+resume bit-identically."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -56,3 +60,87 @@ def test_two_ranks_match_one_process_with_accumulation(tmp_path, tiny_overrides,
     single_logs = (tmp_path / "single/log.jsonl").read_text().splitlines()
     for x, y in zip(logs, single_logs):  # the logged loss is the global batch's
         assert json.loads(x)["loss"] == pytest.approx(json.loads(y)["loss"], rel=1e-5)
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == pid:
+                found += [int(entry.name), *_descendants(int(entry.name))]
+    return found
+
+
+def _wait_for_checkpoint(folder: Path, step: int, process, limit: float = 300.0) -> None:
+    start = time.monotonic()
+    while not (folder / "checkpoints" / f"step_{step:08d}").exists():
+        assert process.poll() is None, "the run ended before the checkpoint it was to be killed at"
+        assert time.monotonic() - start < limit, f"no checkpoint at step {step} after {limit} s"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None or not Path("/proc").is_dir(), reason="torchrun and /proc")
+def test_a_killed_rank_stops_the_run_in_one_line_and_sigkilled_runs_resume_exactly(tmp_path, tiny_overrides):
+    steps = ["train.max_steps=30", "train.ckpt_every=5", "train.log_every=1", "train.dist_timeout_s=60"]
+
+    def launch(out: Path):
+        args = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "vrpo.cli", "train", "--config",
+                str(ROOT / "configs/fmnist/sit-t2.yaml"), "--out", str(out)]  # fmt: skip
+        for item in [*tiny_overrides, *steps]:
+            args += ["--set", item]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)  # fmt: skip
+
+    straight = launch(tmp_path / "straight")
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()[-2000:]
+    run = tmp_path / "killed"
+    first = launch(run)
+    _wait_for_checkpoint(run, 5, first)
+    ranks = {}
+    for pid in _descendants(first.pid):
+        with contextlib.suppress(OSError):
+            env = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
+            if b"LOCAL_RANK" in env:
+                ranks[int(env[b"RANK"])] = pid
+    killed_at = time.monotonic()
+    os.kill(ranks[1], signal.SIGKILL)  # rank 1 dies: rank 0 must stop, in one line, well before the timeout
+    _, err = first.communicate(timeout=120)
+    assert first.returncode != 0 and time.monotonic() - killed_at < 60
+    assert "error: rank 0 of 2: a collective failed" in err and "rerun the command to resume" in err
+    second = launch(run)  # resumes from its newest checkpoint; then the whole job is SIGKILLed
+    _wait_for_checkpoint(run, 15, second)
+    os.killpg(second.pid, signal.SIGKILL)
+    second.wait(timeout=60)
+    third = launch(run)
+    assert third.wait(timeout=600) == 0, third.stderr.read()[-2000:]
+    for part in ("model", "ema", "optimizer"):
+        a = load_file(str(step_dirs(tmp_path / "straight")[0] / f"{part}.safetensors"))
+        b = load_file(str(step_dirs(run)[0] / f"{part}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+@pytest.mark.slow
+def test_submitit_launcher_runs_the_same_two_rank_training(tmp_path, tiny_overrides):
+    pytest.importorskip("submitit")
+    steps = ["train.max_steps=3", "train.ckpt_every=3", "train.label_dropout=0.0"]
+    args = ["submit", "--config", str(ROOT / "configs/fmnist/sit-t2.yaml"), "--out", str(tmp_path / "job"),
+            "--cluster", "local", "--tasks-per-node", "2", "--time", "10", "--wait"]  # fmt: skip
+    for item in [*tiny_overrides, *steps]:
+        args += ["--set", item]
+    from vrpo.cli import main
+
+    assert main(args) == 0
+    single = load_config(str(ROOT / "configs/fmnist/sit-t2.yaml"), [*tiny_overrides, *steps, "train.grad_accum=2"])
+    train(single, tmp_path / "single")
+    a = load_file(str(step_dirs(tmp_path / "job")[0] / "model.safetensors"))
+    b = load_file(str(step_dirs(tmp_path / "single")[0] / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5, msg=key)
+    logs = sorted((tmp_path / "job" / "slurm").glob("*_log.out"))
+    assert len(logs) == 2 and sum("done: 3 steps" in p.read_text() for p in logs) == 1  # two ranks, rank 0 reports

@@ -12,7 +12,7 @@ import torch
 from vrpo.config import load_config, parse_override
 from vrpo.data import DataError, load_dataset
 from vrpo.encoders.cache import CacheMismatch, build_feature_caches
-from vrpo.errors import ConfigError, EvalError
+from vrpo.errors import ConfigError, EvalError, PeerLost
 from vrpo.eval.plot import plot_runs
 from vrpo.eval.representations import RUN_METRICS, evaluate_representations
 from vrpo.eval.sample_metrics import SAMPLE_METRICS, evaluate_samples, metrics_record
@@ -53,6 +53,20 @@ def _sample(args) -> int:
         **dict(parse_override(text.removeprefix("sampler.")) for text in args.set),
     )
     print(f"wrote {args.num} samples to {out} (grid: {out.with_suffix('.png')})")
+    return 0
+
+
+def _submit(args) -> int:
+    from vrpo.train.submit import submit
+
+    load_config(args.config, args.set)  # a bad config fails here, not in the queue
+    job = submit(args.config, str(args.out), args.set, args.nodes, args.gpus_per_node, args.partition, args.time,
+                 args.cluster, tasks_per_node=args.tasks_per_node)  # fmt: skip
+    print(f"submitted job {job.job_id}: {args.nodes} node(s) x {args.tasks_per_node or args.gpus_per_node} task(s); "
+          f"logs in {Path(args.out).expanduser() / 'slurm'}")  # fmt: skip
+    if args.wait:
+        job.results()
+        print(f"job {job.job_id} finished")
     return 0
 
 
@@ -194,6 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_sample)
+    p = sub.add_parser("submit", help="train as a SLURM job through submitit (one task per GPU, requeued)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--tasks-per-node", type=int, default=None, help="default: --gpus-per-node")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--time", type=int, default=4320, help="minutes per job (the job requeues itself)")
+    p.add_argument("--cluster", default=None, help="local: run the tasks here (a dry run); default: SLURM")
+    p.add_argument("--wait", action="store_true", help="wait for the job to finish")
+    p.set_defaults(func=_submit)
     p = sub.add_parser("cache-features", help="encode the dataset once with the config's frozen encoders")
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -320,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         TrainingDiverged,
         FileNotFoundError,
         EvalError,
+        PeerLost,
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

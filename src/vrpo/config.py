@@ -129,6 +129,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
     max_nonfinite: int = 5  # consecutive skipped steps before the run stops
+    dist_timeout_s: float = 600.0  # torchrun: a collective waiting longer on a dead or hung rank fails
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
     tensorboard: bool = True
     progress: bool = True
@@ -384,6 +385,7 @@ def validate(cfg: Config) -> None:
         f"train.batch_size {t.batch_size} is not divisible by train.grad_accum {t.grad_accum}",
     )
     need(t.ckpt_every >= 1, "train.ckpt_every must be >= 1")
+    need(t.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {t.dist_timeout_s}")
     need(t.keep_last >= 1, "train.keep_last must be >= 1")
     need(0.0 <= t.label_dropout < 1.0, "train.label_dropout must be in [0, 1)")
     need(0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")

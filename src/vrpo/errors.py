@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class EvalError(RuntimeError):
     """Bad evaluation input or a refused cache, phrased as one line."""
+
+
+class PeerLost(RuntimeError):
+    """A distributed run lost a rank (it died, or hung beyond the timeout), phrased as one line."""

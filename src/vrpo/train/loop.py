@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from vrpo.config import Config, save_config
 from vrpo.data import ImageSet, batch_indices, data_position, load_dataset, step_generator
-from vrpo.errors import ConfigError
+from vrpo.errors import ConfigError, PeerLost
 from vrpo.eval.training import TrainingEvaluator
 from vrpo.models import DiffusionTransformer, build_model
 from vrpo.objectives import Batch, build_objective
@@ -60,6 +60,14 @@ RESUMABLE_CHANGES = {
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+def lost_peer(err: RuntimeError) -> bool:
+    """Whether a collective failed because another rank went away (gloo reports it as a plain
+    RuntimeError from the backward's all-reduce, NCCL as a DistError after its timeout)."""
+    text = str(err)
+    signs = ("Connection reset", "Connection closed", "timed out", "Timed out", "gloo", "NCCL", "ProcessGroup")
+    return isinstance(err, torch.distributed.DistError) or any(sign in text for sign in signs)
 
 
 @dataclass
@@ -143,7 +151,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.train
-        self.rank, self.world, self.device = init_distributed(t.device)
+        self.rank, self.world, self.device = init_distributed(t.device, t.dist_timeout_s)
         if t.batch_size % (self.world * t.grad_accum):
             raise ConfigError(
                 f"train.batch_size {t.batch_size} is not divisible by world size {self.world} x train.grad_accum "
@@ -356,7 +364,17 @@ class Trainer:
         if self.step and self.eval_due() and self.step not in read_metrics(self.run_dir):
             self.evaluate()  # the run was stopped between its checkpoint and its evaluation
         with StopRequest() as stop:
-            last = self._steps(bar, stop)
+            try:
+                last = self._steps(bar, stop)
+            except RuntimeError as err:  # a rank died or hung: fail in one line, never hang
+                if self.world == 1 or not lost_peer(err):
+                    raise
+                good = latest_checkpoint(self.run_dir)
+                raise PeerLost(
+                    f"rank {self.rank} of {self.world}: a collective failed at step {self.step} (another rank died "
+                    f"or hung beyond train.dist_timeout_s={t.dist_timeout_s:g}: {str(err).splitlines()[0][:160]}); "
+                    f"newest complete checkpoint: {good.path if good else 'none'}; rerun the command to resume"
+                ) from None
         bar.close()
         samples = self.sample_grid()
         curve = self.logger.plot_loss(self.run_dir / "loss_curve.png") if self.main else None

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 
-def init_distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device) for this process; initialises the process group under torchrun."""
+def init_distributed(device: str, timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) for this process; initialises the process group under torchrun,
+    whose collectives fail after ``timeout_s`` waiting on a rank that died or hung (never a hang)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is visible")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     rank = dist.get_rank() if dist.is_initialized() else 0
     if device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
