@@ -149,5 +149,5 @@ def test_vrpo_with_the_token_trains_and_samples(tmp_path):
     assert cfg.model.global_token_dim == 1280
     train(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "samples" / "step_00000002.png").exists()
-    with pytest.raises(ConfigError, match="gives the network no global token"):
+    with pytest.raises(ConfigError, match="objective repa does not feed it"):
         config("repa", "flow", "model.global_token_dim=1280")
