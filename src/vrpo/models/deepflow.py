@@ -98,6 +98,7 @@ class DeepFlowTransformer(DiffusionTransformer):
         detach_after: int | None = None,
         global_token: torch.Tensor | None = None,
         condition: torch.Tensor | None = None,
+        attention_layers: Iterable[int] = (),
         branch_times: list[torch.Tensor] | None = None,
     ) -> ModelOutput:
         """As SiT's, plus ``branch_times``: one time per branch (model units; default t for each).
@@ -105,31 +106,31 @@ class DeepFlowTransformer(DiffusionTransformer):
         the last, whose prediction is ``prediction``."""
         if global_token is not None or condition is not None:
             raise ValueError("DeepFlow's network takes no global token and no shared condition")
-        wanted = set(hidden_layers)
-        if any(not 1 <= i <= self.depth for i in wanted):
-            raise ValueError(f"hidden layers {sorted(wanted)} outside blocks 1..{self.depth}")
         times = branch_times or [t] * (len(self.branch_blocks) + 1)
         if len(times) != len(self.branch_blocks) + 1:
             raise ValueError(f"DeepFlow takes {len(self.branch_blocks) + 1} branch times, got {len(times)}")
-        inputs, cond = self.embed(x, times[0], y)
         null = torch.full((x.shape[0],), self.null_class, device=x.device, dtype=torch.long)
         labels = self.y_embedder(null if y is None else y)  # each branch adds its own time to it
-        tokens, hidden, branch, accelerations = inputs, {}, [], []
-        last = self.depth if stop_after is None else stop_after
-        for index, block in enumerate(self.blocks[:last], start=1):
-            tokens = block(tokens, cond)
-            if index == detach_after:
-                tokens = tokens.detach()
-            if index in wanted:
-                hidden[index] = tokens
-            if index in self.branch_blocks and stop_after is None:
-                k = self.branch_blocks.index(index)
-                branch.append(self.unpatchify(self.branch_head(tokens, cond)[0]))
-                gap = self.gap_embedder(times[k + 1] - times[k])
-                acceleration, tokens = self.refiners[k](tokens, inputs, gap)
-                accelerations.append(self.unpatchify(self.acceleration_head(acceleration, cond)[0]))
-                cond = self.t_embedder(times[k + 1]) + labels
-        if stop_after is not None:
-            return ModelOutput(None, hidden)
-        prediction = self.unpatchify(self.final_layer(tokens, cond)[0])
-        return ModelOutput(prediction, hidden, branch_predictions=branch, accelerations=accelerations)
+        branch, accelerations = [], []
+
+        def between_branches(index, tokens, cond, inputs):
+            if index not in self.branch_blocks:
+                return tokens, cond
+            k = self.branch_blocks.index(index)
+            branch.append(self.unpatchify(self.branch_head(tokens, cond)[0]))
+            acceleration, tokens = self.refiners[k](tokens, inputs, self.gap_embedder(times[k + 1] - times[k]))
+            accelerations.append(self.unpatchify(self.acceleration_head(acceleration, cond)[0]))
+            return tokens, self.t_embedder(times[k + 1]) + labels
+
+        out = super().forward(
+            x,
+            times[0],
+            y,
+            hidden_layers,
+            stop_after,
+            detach_after,
+            attention_layers=attention_layers,
+            after_block=None if stop_after is not None else between_branches,
+        )
+        out.branch_predictions, out.accelerations = branch, accelerations
+        return out

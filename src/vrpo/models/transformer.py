@@ -306,6 +306,7 @@ class DiffusionTransformer(nn.Module):
         global_token: torch.Tensor | None = None,
         condition: torch.Tensor | None = None,
         attention_layers: Iterable[int] = (),
+        after_block=None,
     ) -> ModelOutput:
         """Predict for noisy inputs ``x`` at times ``t`` (model units) and labels ``y``.
 
@@ -319,6 +320,9 @@ class DiffusionTransformer(nn.Module):
         ``condition``: a DDT network's encoder output from an earlier call (``ModelOutput.condition``),
         reused instead of running the encoder (encoder sharing at sampling).
         ``attention_layers``: 1-based blocks whose attention logits are returned (``ModelOutput.attention``).
+        ``after_block(index, tokens, cond, inputs)``: a subclass's hook after each block (its output
+        recorded), returning the tokens and conditioning the next block reads; ``inputs`` are the
+        embedded input tokens (DeepFlow's branches).
         """
         wanted = set(hidden_layers)
         if any(not 1 <= i <= self.depth for i in wanted):
@@ -326,6 +330,7 @@ class DiffusionTransformer(nn.Module):
         last = self.depth if stop_after is None else stop_after
         encoder_blocks = self.depth - self.decoder_depth
         tokens, cond = self.embed(x, t, y, global_token)
+        inputs = tokens
         first = 0 if global_token is None else 1  # where the patch tokens start
         hidden: dict[int, torch.Tensor] = {}
         hidden_global: dict[int, torch.Tensor] = {}
@@ -351,6 +356,8 @@ class DiffusionTransformer(nn.Module):
                 hidden[index] = tokens[:, first:]
                 if first:
                     hidden_global[index] = tokens[:, 0]
+            if after_block is not None:
+                tokens, cond = after_block(index, tokens, cond, inputs)
         if stop_after is not None:
             return ModelOutput(None, hidden, hidden_global=hidden_global, attention=attention)
         patches, global_prediction = self.final_layer(tokens, cond)
