@@ -178,8 +178,8 @@ class Objective(nn.Module):
             global_noise = randn_like(global_token, generator)
             global_t = self.noising.add_noise(global_token, global_noise, t)
         more = {} if extra_inputs is None else extra_inputs(t, generator)
-        if self.attention_layers():
-            more["attention_layers"] = self.attention_layers()
+        if attention := self.attention_layers():
+            more["attention_layers"] = attention
         out = model(x_t, model_t, labels, hidden_layers=self.hidden_layers(), global_token=global_t, **more)
         prediction = self.noising.from_network(out.prediction)
         per_sample, parts = self.noising.loss_terms(prediction, x, noise, x_t, t)

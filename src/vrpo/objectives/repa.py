@@ -101,13 +101,14 @@ class REPA(AlignmentObjective):
         denoise = step.per_sample_loss.mean()
         extra, extra_logs = self.extra_loss(step)
         logs = {**step.logs(), **extra_logs, "loss_denoise": denoise.detach()}
-        weight = self.options.proj_coeff * self.options.alignment_scale(self.step)
+        scale = self.options.alignment_scale(self.step)
+        weight = self.options.proj_coeff * scale
         if weight == 0.0:  # a schedule switched the alignment off: no projector (nor encoder) pass
             return LossOutput(denoise + extra, {**logs, "loss_align": 0.0})
         align = -self.similarity(step, outputs or self.alignment.encoder_outputs(batch)).mean()
         loss = denoise + extra + weight * align
         if self.options.attention_weight:
             attention = self.attention_loss(step, batch)
-            loss = loss + self.options.attention_weight * self.options.alignment_scale(self.step) * attention
+            loss = loss + self.options.attention_weight * scale * attention
             logs["loss_attention"] = attention.detach()
         return LossOutput(loss, {**logs, "loss_align": align.detach()})
