@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -25,7 +26,19 @@ ALIGN = ["objective.projector_width=64", "objective.encoder_input_size=64", "obj
 CASES = {  # method -> (config, overrides)
     "sit": ("configs/fmnist/sit-t2.yaml", []),
     "dit": ("configs/fmnist/dit-t2.yaml", ["model.arch=DiT-T/8"]),
-    "repa": ("configs/fmnist/repa-t2.yaml", ALIGN),
+    # with the final evaluation spread over the ranks: the same record as one process's
+    "repa": (
+        "configs/fmnist/repa-t2.yaml",
+        [
+            *ALIGN,
+            "eval.every=5",
+            "eval.num_samples=6",
+            "eval.ref=digits:test",
+            "eval.ref_num=16",
+            "eval.ra_num=8",
+            "eval.metrics=[fd_encoder]",
+        ],
+    ),
     # the alignment stops after step 2: the projectors then get no gradient, DDP must not wait for them
     "repa-stop": ("configs/fmnist/repa-t2.yaml", [*ALIGN, "objective.schedule=stop", "objective.schedule_end=2"]),
     "vrpo": ("configs/fmnist/vrpo-t2.yaml", [*ALIGN, "objective.warmup_steps=2", "objective.grad_share_every=2"]),
@@ -38,7 +51,8 @@ def test_two_ranks_match_one_process_with_accumulation(tmp_path, tiny_overrides,
     if method != "sit":
         pytest.importorskip("efficientnet_lite_pytorch")
     config, extra = CASES[method]
-    steps = ["train.max_steps=5", "train.ckpt_every=5", "train.log_every=1", "train.label_dropout=0.0", *extra]
+    steps = ["train.max_steps=5", "train.ckpt_every=5", "train.log_every=1", "train.label_dropout=0.0",
+             f"eval.cache_dir={tmp_path / 'refstats'}", *extra]  # fmt: skip
     args = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "vrpo.cli", "train", "--config",
             str(ROOT / config), "--out", str(tmp_path / "ddp")]  # fmt: skip
     for item in [*tiny_overrides, *steps]:
@@ -60,6 +74,30 @@ def test_two_ranks_match_one_process_with_accumulation(tmp_path, tiny_overrides,
     single_logs = (tmp_path / "single/log.jsonl").read_text().splitlines()
     for x, y in zip(logs, single_logs):  # the logged loss is the global batch's
         assert json.loads(x)["loss"] == pytest.approx(json.loads(y)["loss"], rel=1e-5)
+    if method == "repa":
+        (record,), (single_record,) = (
+            [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("ddp", "single")
+        )
+        assert record["num_samples"] == 6 and record["fd_efficientnet"] > 0
+        assert record["fd_efficientnet"] == pytest.approx(single_record["fd_efficientnet"], rel=1e-3)
+        assert record["ra"] == pytest.approx(single_record["ra"], abs=1e-4)
+    # sampling spread over 2 ranks (batch 3) equals one process (batch 4): per-sample noise; `--` keeps torchrun's
+    # parser from reading --run and --num as abbreviations of its own options
+    if method == "sit":
+        from vrpo.sample import sample_run
+
+        args = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "vrpo.cli", "--", "sample", "--run",
+                str(tmp_path / "ddp"), "--num", "10", "--batch-size", "3", "--out",
+                str(tmp_path / "ddp.npz")]  # fmt: skip
+        done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.count("wrote 10 samples") == 1
+        sample_run(tmp_path / "ddp", 10, tmp_path / "one.npz", batch_size=4, progress=False)
+        with np.load(tmp_path / "ddp.npz") as a, np.load(tmp_path / "one.npz") as b:
+            assert np.array_equal(a["arr_1"], b["arr_1"])
+            assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1
+            assert a["arr_0"].std() > 10  # real samples, not a constant
 
 
 def _descendants(pid: int) -> list[int]:

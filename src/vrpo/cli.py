@@ -52,7 +52,8 @@ def _sample(args) -> int:
         cfg_scale=args.cfg,
         **dict(parse_override(text.removeprefix("sampler.")) for text in args.set),
     )
-    print(f"wrote {args.num} samples to {out} (grid: {out.with_suffix('.png')})")
+    if is_main():
+        print(f"wrote {args.num} samples to {out} (grid: {out.with_suffix('.png')})")
     return 0
 
 

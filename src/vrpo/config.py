@@ -96,6 +96,9 @@ class SamplerConfig:
     representation_guidance: float = 1.0  # ReDi: guide away from the pass without its representation channels
     global_cfg_scale: float | None = None  # REG's global token: its guidance scale; None: cfg_scale (official: 1.5)
     sde_last_from: float | None = None  # SDE: grid linspace(t_start, it, steps) then t_end (REPA: 0.04); None: uniform
+    # sample: each sample's noise keyed on (seed, its index), the same for any batch size and world size;
+    # batch: keyed on the batch's first index (runs evaluated before per-sample keying read as batch)
+    noise_keying: str = "sample"
 
 
 @dataclass

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from vrpo.errors import ConfigError
 from vrpo.models import SIZES, parse_arch
 from vrpo.transport.noising import FAMILY_SAMPLERS, SAMPLERS, family_of
+from vrpo.utils.randomness import NOISE_KEYINGS
 
 if TYPE_CHECKING:
     from vrpo.config import Config
@@ -135,6 +136,10 @@ def check_sampler(cfg: Config) -> None:
     need(
         s.method in SAMPLERS,
         f"sampler.method must be one of {', '.join(SAMPLERS)}, got {s.method!r}",
+    )
+    need(
+        s.noise_keying in NOISE_KEYINGS,
+        f"sampler.noise_keying must be one of {', '.join(NOISE_KEYINGS)}, got {s.noise_keying!r}",
     )
     need(
         s.guidance_at in ("evaluation", "step"),

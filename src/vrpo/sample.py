@@ -1,8 +1,9 @@
 """The one sample generator: in memory for evaluations, and into an ADM-style npz for ``vrpo sample``.
 
-Samples are class-balanced (label i mod num_classes) and batch b draws its noise from a
-generator keyed on (seed, b's first index), so N samples are the same whatever the order of
-completion; ``sample_run`` keeps finished batches in ``OUT.parts/`` and a killed job resumes.
+Samples are class-balanced (label i mod num_classes) and sample i draws all its noise from a
+generator keyed on (seed, i) (``sampler.noise_keying: sample``), so N samples are the same for any
+batch size, world size and order of completion; ``sample_run`` keeps finished batches in
+``OUT.parts/`` and a killed job resumes.
 The npz holds arr_0 (uint8 N x H x W x C) and arr_1 (labels).
 """
 
@@ -17,11 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 from vrpo.config import with_sampler
-from vrpo.data import keyed_generator
 from vrpo.runs import load_run_model
 from vrpo.transport import generate
+from vrpo.utils.dist import barrier, gather_mapping, init_distributed, is_main, rank_and_world
 from vrpo.utils.files import replacing
 from vrpo.utils.images import save_grid, to_uint8
+from vrpo.utils.randomness import normal, sampling_noise
 
 
 @torch.no_grad()
@@ -30,8 +32,9 @@ def sample_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples start..start+n-1 as uint8 [n, C, H, W] on the CPU, with their labels (zeros when unconditional)."""
     device = next(model.parameters()).device
-    generator = keyed_generator(seed, start)
-    noise = torch.randn((n, model.in_channels, model.input_size, model.input_size), generator=generator).to(device)
+    keying = sampler_overrides.get("noise_keying") or cfg.sampler.noise_keying
+    generator = sampling_noise(seed, start, n, keying)
+    noise = normal((n, model.in_channels, model.input_size, model.input_size), generator, device)
     conditional = model.num_classes > 0
     labels = torch.arange(start, start + n) % model.num_classes if conditional else torch.zeros(n, dtype=torch.long)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -40,17 +43,25 @@ def sample_batch(
     return to_uint8(x).cpu(), labels
 
 
+def rank_batches(num: int, batch_size: int) -> range:
+    """The first indices of this rank's batches: every world-size-th batch of ``num`` samples."""
+    rank, world = rank_and_world()
+    return range(rank * batch_size, num, world * batch_size)
+
+
 @torch.no_grad()
 def generate_images(model, cfg, num: int, seed: int = 0, batch_size: int = 64, **sampler_overrides) -> torch.Tensor:
-    """``num`` class-balanced uint8 samples [N, C, H, W], the same as ``vrpo sample`` writes for this seed."""
+    """``num`` class-balanced uint8 samples [N, C, H, W], the same as ``vrpo sample`` writes for this seed.
+    Under torchrun every rank samples its share of the batches and every rank returns all of them."""
     was_training = model.training
     model.eval()
-    batches = [
-        sample_batch(model, cfg, start, min(batch_size, num - start), seed, **sampler_overrides)[0]
-        for start in range(0, num, batch_size)
-    ]
+    mine = {
+        start: sample_batch(model, cfg, start, min(batch_size, num - start), seed, **sampler_overrides)[0]
+        for start in rank_batches(num, batch_size)
+    }
     model.train(was_training)
-    return torch.cat(batches)
+    batches = gather_mapping(mine)
+    return torch.cat([batches[start] for start in range(0, num, batch_size)])
 
 
 def sample_run(
@@ -63,22 +74,27 @@ def sample_run(
     progress: bool = True,
     **sampler_overrides,
 ) -> Path:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg, model, step = load_run_model(run_dir, device=device)
+    """``num`` samples of a run into an npz at ``out``; under torchrun each rank samples its share."""
+    device = init_distributed(device)[2]
+    cfg, model, step = load_run_model(run_dir, device=str(device))
     cfg = with_sampler(cfg, **sampler_overrides)  # refused in one line if they cannot sample this run
     sampler_overrides = {}
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
     batches = range(0, num, batch_size)
-    for start in tqdm(batches, disable=not progress, desc=f"sample (step {step})"):
+    for start in tqdm(
+        rank_batches(num, batch_size), disable=not progress or not is_main(), desc=f"sample (step {step})"
+    ):
         part = parts / f"{start:08d}.npz"
         if part.exists():
             continue
         images, labels = sample_batch(model, cfg, start, min(batch_size, num - start), seed, **sampler_overrides)
         with replacing(part) as tmp, open(tmp, "wb") as f:
             np.savez(f, images=images.numpy(), labels=labels.numpy())
+    barrier()  # every rank's parts are written
+    if not is_main():
+        return out
     images, labels = [], []
     for start in batches:
         with np.load(parts / f"{start:08d}.npz") as f:

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import torch
 
-
-def keyed_generator(seed: int, index: int) -> torch.Generator:
-    """A CPU generator keyed on (seed, index): an epoch's order, a sampling batch's noise."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+from vrpo.utils.randomness import keyed_generator
 
 
 def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from vrpo.eval.representations import block_states
 from vrpo.eval.sample_metrics import describe_record, evaluate_samples, metrics_record
 from vrpo.runs import append_record
 from vrpo.sample import generate_images
+from vrpo.utils.dist import is_main
 from vrpo.utils.types import PathLike
 
 
@@ -51,13 +52,16 @@ def evaluate_during_training(
 
     ``extra`` holds further numbers of this step (e.g. RA) stored in the same record.
 
-    Call on the main rank only. Pass the same ``extractors`` dict (e.g. ``{}``) every time:
+    Under torchrun call it on every rank: each samples its share, rank 0 scores and writes the
+    record (the others return {}). Pass the same ``extractors`` dict (e.g. ``{}``) every time:
     the Inception network built on the first call stays in it. Returns the appended record.
     """
     if cfg.data.name == "tensors":
         raise EvalError("sample metrics need pixels; latent runs would need a decoder first")
     device = str(next(model_or_ema.parameters()).device)
     images = generate_images(model_or_ema, cfg, num, seed, batch_size, **sampler_overrides)
+    if not is_main():
+        return {}
     result = evaluate_samples(
         images,
         ref,
@@ -81,12 +85,14 @@ def evaluate_configured(run_dir, model, cfg, step: int, num: int, metrics, extra
         run_dir, model, cfg, step, num, run_reference(cfg), metrics=metrics, seed=e.seed, ref_num=e.ref_num,
         cache_dir=e.cache_dir, extractors=extractors, extra=extra,
     )  # fmt: skip
-    print(describe_record(record))
+    if record:
+        print(describe_record(record))
     return record
 
 
 class TrainingEvaluator:
-    """Rank 0's evaluations during a run; keeps its networks and held-out images between calls."""
+    """The evaluations during a run (sampled on every rank, scored on rank 0); keeps its networks and
+    held-out images between calls."""
 
     def __init__(self, cfg, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -99,7 +105,7 @@ class TrainingEvaluator:
         when the objective aligns (``model``: the network the objective was built for)."""
         e = self.cfg.eval
         extra = {}
-        if objective.alignment is not None and e.ra_num:
+        if objective.alignment is not None and e.ra_num and is_main():
             extra["ra"] = self.held_out_ra(ema, objective, model)
         final = step == self.cfg.train.max_steps
         num = e.final_num_samples if final and e.final_num_samples else e.num_samples

@@ -32,6 +32,9 @@ def load_run_config(run_dir: str | Path) -> Config:
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: its objective section must be a mapping, got {section!r}")
     tree["objective"] = objective_options(section.get("name", "sit")).from_saved(section)
+    sampler = tree.get("sampler")
+    if isinstance(sampler, dict) and "noise_keying" not in sampler:  # written before per-sample keying
+        sampler["noise_keying"] = "batch"
     return config_from_dict(tree)
 
 

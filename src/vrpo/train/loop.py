@@ -205,7 +205,7 @@ class Trainer:
         )
         self.logger = RunLogger(self.run_dir, enabled=self.main, tensorboard=t.tensorboard)
         self.warned = self.logger.warned()
-        self.evaluator = TrainingEvaluator(cfg, self.run_dir) if self.main else None
+        self.evaluator = TrainingEvaluator(cfg, self.run_dir)  # every rank samples its share
 
     # ------------------------------------------------------------ checkpoints
 
@@ -336,9 +336,10 @@ class Trainer:
         every = self.cfg.eval.every
         return every > 0 and (self.step % every == 0 or self.step == self.cfg.train.max_steps)
 
-    def evaluate(self) -> dict | None:
-        """The configured evaluation of the EMA weights at this step, into RUN/metrics.jsonl (rank 0)."""
-        return self.evaluator.evaluate(self.step, self.ema, self.objective, self.model) if self.main else None
+    def evaluate(self) -> dict:
+        """The configured evaluation of the EMA weights at this step, into RUN/metrics.jsonl: every
+        rank samples its share, rank 0 scores and writes (the others get {})."""
+        return self.evaluator.evaluate(self.step, self.ema, self.objective, self.model)
 
     def report_warnings(self, record: dict[str, float]) -> None:
         """The objective's known failure modes, each printed and logged (rank 0) once per run."""

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from vrpo.utils.randomness import normal
+
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = [
@@ -292,9 +294,7 @@ class GaussianDiffusion:
         """One ancestral step; rows at t=0 return the mean without noise."""
         t = self._index(t_index, x_t)
         p = self.p_mean_variance(model_fn, x_t, t, clip_denoised=clip_denoised)
-        # Drawn on the generator's device (the CPU by convention), so samples match across devices.
-        gen_device = generator.device if generator is not None else x_t.device
-        noise = torch.randn(x_t.shape, generator=generator, device=gen_device).to(x_t.device, x_t.dtype)
+        noise = normal(x_t.shape, generator, x_t.device, x_t.dtype)  # on the generator's device
         nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
         sample = p["mean"] + nonzero * torch.exp(0.5 * p["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": p["pred_xstart"]}

@@ -19,6 +19,7 @@ from vrpo.transport.ddpm import create_ddpm
 from vrpo.transport.interpolants import build_interpolant, sample_timesteps
 from vrpo.transport.samplers import GuidedPrediction, sample_flow
 from vrpo.transport.sharing import EncoderSharing, optimal_schedule, sharing_costs
+from vrpo.utils.randomness import normal
 
 FAMILY_OF_ARCH = {"SiT": "flow", "DiT": "ddpm"}
 FAMILY_SAMPLERS = {"flow": ("euler", "heun", "sde"), "ddpm": ("ddpm",)}
@@ -122,7 +123,7 @@ class FlowNoising(Noising):
         # REG: the global token starts from its own noise, drawn after the image's from the same generator
         token = None
         if model.global_token_dim:
-            token = torch.randn((noise.shape[0], model.global_token_dim), generator=generator).to(noise.device)
+            token = normal((noise.shape[0], model.global_token_dim), generator, noise.device)
         if model.decoder_depth:  # DDT: the condition encoder's output is shared between evaluations
             guided.sharing = self.sharing(guided, options, noise, labels)
         state = self.integrate(guided, guided.pack(noise, token), options, generator)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from vrpo.transport.interpolants import Interpolant
+from vrpo.utils.randomness import normal
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -79,7 +80,7 @@ def euler_maruyama_sde(
         w = diffusion(tt).view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
         x = x + h * (v - 0.5 * w * score(v, x, tt))
         if i < steps - 1:
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+            noise = normal(x.shape, generator, x.device, x.dtype)
             x = x + (w * abs(h)).sqrt() * noise
     return x
 
@@ -184,7 +185,7 @@ def sample_flow(
     if method == "sde":
         grid = time_grid(steps, t_start, t_end, sde_last_from)
         if generator is None:
-            raise ValueError("the SDE sampler needs a torch.Generator for its noise")
+            raise ValueError("the SDE sampler needs a generator (or per-sample noise) for its noise")
         interp = guided.interpolant
         return euler_maruyama_sde(
             guided, interp.score, lambda t: diffusion_scale * interp.sigma(t), noise, grid, generator

@@ -51,3 +51,16 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def gather_mapping(mine: dict) -> dict:
+    """The union over ranks of every rank's ``{key: value}`` (each rank gets all of it)."""
+    if not dist.is_initialized():
+        return dict(mine)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return {key: value for part in parts for key, value in part.items()}
