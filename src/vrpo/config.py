@@ -139,7 +139,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation during training (rank 0, after the checkpoint of the step)."""
+    """Evaluation during training (after the checkpoint of the step: sampled on every rank, scored on rank 0)."""
 
     every: int = 0  # steps between evaluations; 0: off. The final step is evaluated when > 0
     num_samples: int = 5000  # generated images per FID
@@ -152,6 +152,8 @@ class EvalConfig:
     ra_num: int = 500  # held-out images for RA at t = 0.5 (alignment methods); 0: off
     cache_dir: str = "~/.cache/vrpo/refstats"
     seed: int = 0
+    # samples per sampling batch (and per rank): with per-sample noise it sets the speed, not the samples
+    batch_size: int = 64
 
 
 SECTIONS: dict[str, type] = {

@@ -84,8 +84,8 @@ def check_training(cfg: Config) -> None:
     need(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
     e = cfg.eval
     need(
-        e.every >= 0 and e.num_samples >= 2 and e.ra_num >= 0,
-        "eval.every, eval.num_samples (>= 2) and eval.ra_num must be non-negative",
+        e.every >= 0 and e.num_samples >= 2 and e.ra_num >= 0 and e.batch_size >= 1,
+        "eval.every, eval.num_samples (>= 2), eval.ra_num and eval.batch_size (>= 1) must be non-negative",
     )
     need(
         e.final_num_samples == 0 or e.final_num_samples >= 2,

@@ -82,8 +82,8 @@ def evaluate_configured(run_dir, model, cfg, step: int, num: int, metrics, extra
     """``evaluate_during_training`` with the run's own reference, seed and caches (cfg.eval), printed."""
     e = cfg.eval
     record = evaluate_during_training(
-        run_dir, model, cfg, step, num, run_reference(cfg), metrics=metrics, seed=e.seed, ref_num=e.ref_num,
-        cache_dir=e.cache_dir, extractors=extractors, extra=extra,
+        run_dir, model, cfg, step, num, run_reference(cfg), metrics=metrics, seed=e.seed, batch_size=e.batch_size,
+        ref_num=e.ref_num, cache_dir=e.cache_dir, extractors=extractors, extra=extra,
     )  # fmt: skip
     if record:
         print(describe_record(record))

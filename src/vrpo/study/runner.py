@@ -136,7 +136,9 @@ def final_evaluation(spec: StudySpec, cfg, folder: Path) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     num, e = int(spec.final["num_samples"]), cfg.eval
-    samples = sample_run(folder, num, folder / f"final_samples_{num}.npz", seed=e.seed, progress=False)
+    samples = sample_run(
+        folder, num, folder / f"final_samples_{num}.npz", batch_size=e.batch_size, seed=e.seed, progress=False
+    )
     ref = run_reference(cfg)
     result = evaluate_samples(
         samples,
