@@ -340,3 +340,24 @@ def test_resume_refuses_changed_data(tmp_path, tiny_overrides):
             train(tiny_cfg(tiny_overrides, "train.max_steps=4"), tmp_path)
     finally:
         loop.load_dataset = real
+
+
+@pytest.mark.parametrize(
+    "option",
+    [["train.activation_checkpointing=true"], ["train.compile=true", "train.compile_backend=aot_eager"]],
+    ids=["activation-checkpointing", "compile"],
+)
+def test_memory_and_speed_options_leave_the_training_unchanged(tmp_path, tiny_overrides, option):
+    from vrpo.train.loop import Trainer
+
+    steps = ["train.max_steps=3", "train.ckpt_every=3", "objective.name=sit"]
+    train(tiny_cfg(tiny_overrides, *steps), tmp_path / "plain")
+    trainer = Trainer(tiny_cfg(tiny_overrides, *steps, *option), tmp_path / "option")
+    block = trainer.model.blocks[0]
+    assert trainer.model.checkpoint_activations or block._compiled_call_impl is not None  # the option is on
+    trainer.fit()
+    plain, other = final_weights(tmp_path / "plain"), final_weights(tmp_path / "option")
+    for part in ("model", "ema"):
+        assert plain[part].keys() == other[part].keys()  # the same parameter names: checkpoints stay portable
+        for key in plain[part]:
+            torch.testing.assert_close(other[part][key], plain[part][key], rtol=1e-5, atol=1e-6, msg=key)

@@ -133,6 +133,9 @@ class TrainConfig:
     max_nonfinite: int = 5  # consecutive skipped steps before the run stops
     dist_timeout_s: float = 600.0  # torchrun: a collective waiting longer on a dead or hung rank fails
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+    activation_checkpointing: bool = False  # blocks recompute their activations in backward (less memory)
+    compile: bool = False  # torch.compile each transformer block of the trained network
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no code generation)
     tensorboard: bool = True
     progress: bool = True
 

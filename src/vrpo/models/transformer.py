@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def per_token(v: torch.Tensor) -> torch.Tensor:
@@ -210,6 +211,7 @@ class DiffusionTransformer(nn.Module):
         self.learn_sigma, self.global_token_dim, self.decoder_depth = learn_sigma, global_token_dim, decoder_depth
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.grid = input_size // patch_size
+        self.checkpoint_activations = False  # train.activation_checkpointing
 
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.register_buffer(
@@ -347,9 +349,13 @@ class DiffusionTransformer(nn.Module):
                     condition = tokens + self.t_embedder(t)[:, None]
                 cond = condition
                 tokens = self.decoder_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+            block = self.blocks[index - 1]
             if index in attend:
-                attention[index] = self.blocks[index - 1].attention_logits(tokens, cond)
-            tokens = self.blocks[index - 1](tokens, cond)
+                attention[index] = block.attention_logits(tokens, cond)
+            if self.checkpoint_activations and torch.is_grad_enabled():  # recomputed in backward: less memory
+                tokens = checkpoint(block, tokens, cond, use_reentrant=False)
+            else:
+                tokens = block(tokens, cond)
             if index == detach_after:
                 tokens = tokens.detach()
             if index in wanted:
@@ -411,52 +417,3 @@ class DiffusionTransformer(nn.Module):
         prediction = torch.cat([guided(both.prediction[:, :c], scale), cond[:, c:]], dim=1)
         token = None if global_token is None else guided(both.global_prediction, global_scale or scale)
         return ModelOutput(prediction, global_prediction=token, condition=both.condition)
-
-
-# width, depth, heads
-SIZES = {
-    "T": (192, 6, 3),
-    "S": (384, 12, 6),
-    "B": (768, 12, 12),
-    "L": (1024, 24, 16),
-    "XL": (1152, 28, 16),
-}
-PATCHES = (1, 2, 4, 8)
-
-
-def model_names() -> list[str]:
-    return [f"{family}-{size}/{p}" for family in ("SiT", "DiT") for size in SIZES for p in PATCHES]
-
-
-def parse_arch(name: str) -> tuple[str, str, int]:
-    """'SiT-T/2' -> ('SiT', 'T', 2); a clear error for anything else."""
-    try:
-        family, rest = name.split("-", 1)
-        size, patch = rest.split("/")
-        if family in ("SiT", "DiT") and size in SIZES and int(patch) in PATCHES:
-            return family, size, int(patch)
-    except ValueError:
-        pass
-    raise ValueError(
-        f"unknown architecture {name!r}: expected FAMILY-SIZE/PATCH, e.g. SiT-T/2 (sizes {', '.join(SIZES)}; "
-        f"patches {PATCHES})"
-    )
-
-
-def build_model(arch: str, input_size: int, in_channels: int, num_classes: int, **overrides) -> DiffusionTransformer:
-    """The named architecture; ``overrides`` set other constructor options (mlp_ratio, qk_norm,
-    global_token_dim); None keeps a default."""
-    family, size, patch = parse_arch(arch)
-    width, depth, heads = SIZES[size]
-    kwargs = dict(hidden_size=width, depth=depth, num_heads=heads, learn_sigma=family == "DiT")
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    if kwargs.get("branch_blocks"):  # DeepFlow's branched network
-        from vrpo.models.deepflow import DeepFlowTransformer
-
-        return DeepFlowTransformer(
-            input_size=input_size, in_channels=in_channels, patch_size=patch, num_classes=num_classes, **kwargs
-        )
-    kwargs.pop("branch_blocks", None)
-    return DiffusionTransformer(
-        input_size=input_size, in_channels=in_channels, patch_size=patch, num_classes=num_classes, **kwargs
-    )

@@ -54,6 +54,9 @@ RESUMABLE_CHANGES = {
     "train.progress",
     "train.tensorboard",
     "train.threads",
+    "train.activation_checkpointing",
+    "train.compile",
+    "train.compile_backend",
     "train.max_nonfinite",
 }  # and every key of the sampler and eval sections
 
@@ -192,6 +195,10 @@ class Trainer:
         )
         self.step, self.skipped, self.consecutive_bad = 0, 0, 0
         self._restore()
+        self.model.checkpoint_activations = t.activation_checkpointing
+        if t.compile:  # block by block, in place: parameter names, checkpoints and the EMA stay as they are
+            for block in self.model.blocks:
+                block.compile(backend=t.compile_backend)
         self.train_step = TrainStep(self.model, self.objective)
         if self.world > 1:
             self.train_step = torch.nn.parallel.DistributedDataParallel(
