@@ -14,6 +14,7 @@ from typing import Any
 from .base import EncoderOutput, FrozenEncoder, MultiEncoder, state_dict_sha256
 from .dinov2 import DINOV2_PRESETS, DINOv2Config, DINOv2Encoder, DinoVisionTransformer, load_dinov2_weights
 from .efficientnet import EfficientNetLite0Encoder
+from .hf import TransformersEncoder, hf_global_width
 from .tokens import map_to_tokens, pool_tokens, resample_tokens, tokens_to_map
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "FrozenEncoder",
     "MultiEncoder",
     "EfficientNetLite0Encoder",
+    "TransformersEncoder",
     "DINOv2Encoder",
     "DINOv2Config",
     "DinoVisionTransformer",
@@ -42,6 +44,7 @@ _OPTIONS = {
     "efficientnet": ("input_size", "stage", "channels_last"),
     "dinov2": ("weights", "resolution", "input_size"),
 }
+HF_PREFIX = "hf:"
 # REPA's --enc-type spellings, so its configs can be reused as they are.
 _ALIASES = {f"dinov2-vit-{s}": f"dinov2-vit{s}14" for s in "sblg"}
 
@@ -52,7 +55,9 @@ def available_encoders() -> list[str]:
 
 def global_width(name: str) -> int:
     """The width of an encoder's global vector, known without building it (EfficientNet-Lite0's
-    pooled last stage; a DINOv2's CLS token)."""
+    pooled last stage; a DINOv2's CLS token; an ``hf:`` checkpoint's hidden size)."""
+    if name.startswith(HF_PREFIX):
+        return hf_global_width(name[len(HF_PREFIX) :])
     key = _canonical(name)
     return 1280 if key.startswith("efficientnet") else DINOV2_PRESETS[key].embed_dim
 
@@ -74,6 +79,7 @@ def build_encoder(spec: str | Mapping[str, Any], **opts: Any) -> FrozenEncoder:
       efficientnet-lite0: input_size=256, stage="last"|"stride16", channels_last=True
       dinov2-*:           weights=None (local path, or None for torch.hub),
                           resolution=256, input_size=None
+      hf:<hub id or dir>: resolution=256, input_size=None (DINOv2, CLIP, SigLIP, MAE via transformers)
     """
     if isinstance(spec, Mapping):
         opts = {**{k: v for k, v in spec.items() if k != "name"}, **opts}
@@ -82,6 +88,11 @@ def build_encoder(spec: str | Mapping[str, Any], **opts: Any) -> FrozenEncoder:
         spec = spec["name"]
     if not isinstance(spec, str):
         raise TypeError(f"encoder spec must be a name or a dict, got {type(spec).__name__}")
+    if spec.startswith(HF_PREFIX):  # a hub id or a local directory, read through transformers
+        bad = sorted(set(opts) - {"resolution", "input_size"})
+        if bad:
+            raise TypeError(f"{spec}: unknown option(s) {', '.join(bad)}; accepted: resolution, input_size")
+        return TransformersEncoder(spec[len(HF_PREFIX) :], **opts)
     name = _canonical(spec)
     family = "efficientnet" if name.startswith("efficientnet") else "dinov2"
     bad = sorted(set(opts) - set(_OPTIONS[family]))

@@ -102,9 +102,11 @@ def build_alignment_encoders(options: AlignmentOptions, resolution: int):
         opts = {}
         if name.startswith("efficientnet") and options.encoder_input_size:
             opts["input_size"] = options.encoder_input_size
-        if name.startswith("dinov2"):
+        if name.startswith(("dinov2", "hf:")):
             # REPA's 224 * res / 256 rule is for 256+ px images; smaller ones are upsampled to 224.
-            opts.update(weights=options.encoder_weights, resolution=max(resolution, 256))
+            opts["resolution"] = max(resolution, 256)
+            if name.startswith("dinov2"):
+                opts["weights"] = options.encoder_weights
             if options.encoder_input_size:
                 opts["input_size"] = options.encoder_input_size
         encoders.append(build_encoder(name, **opts))
