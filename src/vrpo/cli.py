@@ -1,4 +1,4 @@
-"""The ``vrpo`` command: train, sample, cache-features, import-checkpoint, eval, plot and study."""
+"""The ``vrpo`` command: train, sample, prepare-latents, cache-features, import-checkpoint, eval, plot and study."""
 
 from __future__ import annotations
 
@@ -68,6 +68,23 @@ def _submit(args) -> int:
     if args.wait:
         job.results()
         print(f"job {job.job_id} finished")
+    return 0
+
+
+def _prepare_latents(args) -> int:
+    import time
+
+    from vrpo.data.latents import prepare_latents
+    from vrpo.utils.dist import init_distributed
+
+    device = init_distributed(args.device)[2]
+    start = time.perf_counter()
+    manifest = prepare_latents(args.images, args.out, args.vae, args.resolution, args.labels, args.shard_size,
+                               args.batch_size, str(device), log=print if is_main() else lambda *_: None)  # fmt: skip
+    if is_main():
+        seconds = time.perf_counter() - start
+        print(f"{manifest['count']} images in {len(manifest['shards'])} shards at {args.out} "
+              f"({seconds:.0f} s, {manifest['count'] / seconds:.1f} images/s; finished shards are kept)")  # fmt: skip
     return 0
 
 
@@ -229,6 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000)
     p.set_defaults(func=_cache_features)
 
+    p = sub.add_parser("prepare-latents", help="encode an image folder with a VAE into latent shards (resumable)")
+    p.add_argument("--images", required=True, type=Path, help="one subfolder per class, or flat with --labels")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="hub id or local diffusers directory")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--labels", type=Path, default=None, help="flat folder: lines 'RELATIVE_PATH LABEL'")
+    p.add_argument("--shard-size", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_prepare_latents)
+
     p = sub.add_parser("import-checkpoint", help="an official REPA, SiT or DiT checkpoint as a run folder")
     p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="the code that wrote the file")
     p.add_argument("file", type=Path, help="the .pt file (a training checkpoint or a bare state dict)")
@@ -348,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         EvalError,
         PeerLost,
+        ImportError,  # an optional extra that is not installed: the message says which
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

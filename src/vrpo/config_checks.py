@@ -92,8 +92,8 @@ def check_training(cfg: Config) -> None:
         "eval.final_num_samples must be 0 (= eval.num_samples) or >= 2",
     )
     need(
-        not (e.every and cfg.data.name == "tensors"),
-        "eval.every needs pixel data: latent runs (data.name=tensors) have no decoder here",
+        not (e.every and cfg.data.name in ("tensors", "latents")),
+        "eval.every needs pixel data: latent runs (data.name=tensors or latents) are not decoded during training yet",
     )
     o = cfg.optim
     need(len(o.betas) == 2, "optim.betas needs two values")

@@ -47,6 +47,11 @@ class ImageSet:
     def resolution(self) -> int:
         return self.images.shape[-1]
 
+    def batch_rows(self, index: torch.Tensor, generator: torch.Generator | None = None):
+        """(float latents or None, uint8 pixels or None) of these rows."""
+        rows = self.images[index]
+        return (rows.float(), None) if self.is_latent else (None, rows)
+
     @cached_property
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -213,7 +218,7 @@ def load_tensor_shards(root: str | None) -> ImageSet:
 
 # ---------------------------------------------------------------- entry points
 
-DATASETS = ("fashion-mnist", "mnist", "digits", "image-folder", "tensors")
+DATASETS = ("fashion-mnist", "mnist", "digits", "image-folder", "tensors", "latents")
 
 
 def load_split(name: str, split: str = "train", root: str | None = None, resolution: int | None = None) -> ImageSet:
@@ -226,6 +231,12 @@ def load_split(name: str, split: str = "train", root: str | None = None, resolut
         return load_image_folder(root, resolution or 256)
     elif name == "tensors":
         return load_tensor_shards(root)
+    elif name == "latents":  # vrpo prepare-latents' folder, read lazily
+        from vrpo.data.latents import LatentSet
+
+        if not root:
+            raise DataError("data.name=latents needs data.root: the folder vrpo prepare-latents wrote")
+        return LatentSet(root)
     else:
         raise DataError(f"unknown dataset {name!r} (one of {', '.join(DATASETS)})")
     if resolution and resolution != data.resolution:
@@ -258,6 +269,8 @@ def balanced_subset(data: ImageSet, limit: int, seed: int) -> ImageSet:
 def load_dataset(cfg) -> ImageSet:
     """The training set a ``DataConfig`` describes."""
     data = load_split(cfg.name, cfg.split, cfg.root, cfg.resolution)
+    if cfg.name == "latents" and cfg.limit:
+        raise DataError("data.limit subsets in-memory sets; a latent folder is read whole (prepare a smaller one)")
     if not data.is_latent and data.resolution != cfg.resolution:
         raise DataError(f"{data.name} images are {data.resolution} px but data.resolution is {cfg.resolution}")
     return balanced_subset(data, cfg.limit, cfg.data_seed)

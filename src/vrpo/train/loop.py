@@ -141,13 +141,13 @@ class TrainStep(torch.nn.Module):
         return out.loss, out.logs
 
 
-def make_batch(data: ImageSet, index: torch.Tensor, device: torch.device, conditional: bool) -> Batch:
-    images = data.images[index]
+def make_batch(data: ImageSet, index: torch.Tensor, device: torch.device, conditional: bool, generator=None) -> Batch:
+    """The rows of ``index`` in model space; a latent folder's posterior draws come from ``generator``."""
+    latents, images = data.batch_rows(index, generator)
     labels = data.labels[index].to(device) if conditional else None
-    if data.is_latent:
-        return Batch(images.to(device, torch.float32), labels, None, index)
-    images = images.to(device)
-    return Batch(to_model_space(images), labels, images, index)
+    images = None if images is None else images.to(device)
+    x = to_model_space(images) if latents is None else latents.to(device, torch.float32)
+    return Batch(x, labels, images, index)
 
 
 class Trainer:
@@ -282,11 +282,11 @@ class Trainer:
         micro = self._micro_batches(step)
         logs: dict[str, torch.Tensor] = {}
         for m, index in enumerate(micro):
-            batch = make_batch(self.data, index, self.device, self.conditional)
-            sync = contextlib.nullcontext() if (self.world == 1 or m == len(micro) - 1) else self.train_step.no_sync()
             # Keyed on the micro-batch's place in the global batch: W ranks x A micro-batches
             # draw what one process with W x A accumulation steps would.
             generator = step_generator(t.seed, step, self.rank * len(micro) + m)
+            batch = make_batch(self.data, index, self.device, self.conditional, generator)
+            sync = contextlib.nullcontext() if (self.world == 1 or m == len(micro) - 1) else self.train_step.no_sync()
             with sync:
                 with self.autocast():
                     loss, step_logs = self.train_step(batch, generator)

@@ -1,0 +1,189 @@
+"""VAE latents in shards, written once by ``vrpo prepare-latents`` and read lazily while training.
+
+A folder holds ``manifest.json`` and ``shard-NNNNN.safetensors`` files. Each shard has the
+posterior ``mean`` and ``std`` (fp16 [n, 4, R/8, R/8]), the ADM-cropped ``images`` (uint8
+[n, 3, R, R], for encoders that run on the fly) and ``labels``. The manifest names the VAE, the
+sha256 of its weights, the resolution, the count, the label map and every shard with its count.
+Training draws ``scale * (mean + std * eps)`` with eps from the step's generator (REPA's way);
+rows are read through safetensors' memory map, shard by shard, never the whole set.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vrpo.data.datasets import IMAGE_SUFFIXES, DataError, center_crop_adm
+from vrpo.utils.files import replacing
+
+FORMAT = "vrpo-latents-1"
+KEYS = ("mean", "std", "images", "labels")
+
+
+def list_images(root: Path, labels_file: Path | None = None) -> tuple[list[Path], list[int], list[str]]:
+    """(paths, labels, class names) of an ImageNet-layout folder (one subfolder per class), or of a
+    flat folder whose ``labels_file`` lists ``RELATIVE_PATH LABEL`` per line."""
+    if not root.is_dir():
+        raise DataError(f"image folder {root} not found")
+    if labels_file is not None:
+        pairs = [line.split() for line in Path(labels_file).read_text().splitlines() if line.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise DataError(f"labels file {labels_file}: each line must be 'RELATIVE_PATH LABEL'")
+        names = sorted({p[1] for p in pairs})
+        return [root / p[0] for p in pairs], [names.index(p[1]) for p in pairs], names
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"image folder {root} has no class subfolders: pass --labels FILE for a flat folder")
+    paths, labels = [], []
+    for index, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                paths.append(path)
+                labels.append(index)
+    if not paths:
+        raise DataError(f"image folder {root} holds no images with suffixes {sorted(IMAGE_SUFFIXES)}")
+    return paths, labels, classes
+
+
+def load_vae(source: str, device: str = "cpu"):
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise ImportError("prepare-latents needs diffusers: pip install -e .[imagenet]") from None
+    return AutoencoderKL.from_pretrained(source).to(device).eval().requires_grad_(False)
+
+
+def read_crops(paths: list[Path], resolution: int) -> torch.Tensor:
+    from PIL import Image
+
+    crops = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                crops.append(center_crop_adm(image.convert("RGB"), resolution))
+        except OSError as err:
+            raise DataError(f"cannot read image {path}: {err}") from None
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def prepare_latents(images: str | Path, out: str | Path, vae: str = "stabilityai/sd-vae-ft-ema",
+                    resolution: int = 256, labels_file: str | Path | None = None, shard_size: int = 1024,
+                    batch_size: int = 32, device: str = "cpu", log=print) -> dict:  # fmt: skip
+    """Encode a folder into shards; shards already written are kept, so a killed job resumes. Under
+    torchrun each rank writes every world-size-th shard and rank 0 the manifest."""
+    from safetensors.torch import save_file
+
+    from vrpo.encoders.base import state_dict_sha256
+    from vrpo.utils.dist import barrier, is_main, rank_and_world
+
+    paths, labels, classes = list_images(Path(images), Path(labels_file) if labels_file else None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    net = load_vae(vae, device)
+    rank, world = rank_and_world()
+    starts = range(0, len(paths), shard_size)
+    shards = []
+    for number, start in enumerate(starts):
+        name, count = f"shard-{number:05d}.safetensors", min(shard_size, len(paths) - start)
+        shards.append({"file": name, "count": count})
+        if number % world != rank or (out / name).is_file():
+            continue
+        parts = {key: [] for key in ("mean", "std", "images")}
+        for begin in range(start, start + count, batch_size):
+            crops = read_crops(paths[begin : min(begin + batch_size, start + count)], resolution)
+            posterior = net.encode(crops.to(device).float() / 127.5 - 1).latent_dist
+            parts["mean"].append(posterior.mean.half().cpu())
+            parts["std"].append(posterior.std.half().cpu())
+            parts["images"].append(crops)
+        tensors = {key: torch.cat(value).contiguous() for key, value in parts.items()}
+        tensors["labels"] = torch.tensor(labels[start : start + count], dtype=torch.int64)
+        with replacing(out / name) as tmp:
+            save_file(tensors, str(tmp))
+        log(f"{name}: {count} images")
+    barrier()
+    manifest = {
+        "format": FORMAT, "vae": vae, "vae_sha256": state_dict_sha256(net), "resolution": resolution,
+        "scaling_factor": float(getattr(net.config, "scaling_factor", 0.18215)), "count": len(paths),
+        "classes": classes, "shards": shards,
+    }  # fmt: skip
+    if is_main():
+        with replacing(out / "manifest.json") as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+class LatentShards:
+    """The rows of a latent folder, read on demand: ``[index]`` gives ``(mean, std, images, labels)``."""
+
+    def __init__(self, root: str | Path):
+        from safetensors import SafetensorError, safe_open
+
+        self.root = Path(root)
+        path = self.root / "manifest.json"
+        try:
+            self.manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise DataError(f"latent folder {root}: no readable manifest.json ({err})") from None
+        if self.manifest.get("format") != FORMAT:
+            raise DataError(f"{path} is not a {FORMAT} manifest (format {self.manifest.get('format')!r})")
+        self.files, self.offsets, total = [], [], 0
+        for entry in self.manifest["shards"]:
+            shard = self.root / entry["file"]
+            try:
+                handle = safe_open(str(shard), framework="pt")
+                shapes = {key: handle.get_slice(key).get_shape() for key in KEYS}
+            except (SafetensorError, OSError, KeyError) as err:
+                raise DataError(f"shard {shard} is missing, corrupt or foreign: {err}") from None
+            if any(shape[0] != entry["count"] for shape in shapes.values()):
+                raise DataError(f"shard {shard} holds {shapes['labels'][0]} rows, its manifest says {entry['count']}")
+            self.files.append(handle)
+            self.offsets.append(total)
+            total += entry["count"]
+        if total != self.manifest["count"]:
+            raise DataError(
+                f"latent folder {root}: shards hold {total} rows, the manifest says {self.manifest['count']}"
+            )
+        self.latent_shape = tuple(shapes["mean"][1:])
+        self.image_shape = tuple(shapes["images"][1:])
+        self.labels = torch.cat([handle.get_tensor("labels") for handle in self.files])
+
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+    def rows(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``mean``, ``std`` (float32) and ``images`` (uint8) of these rows, in this order."""
+        shard = np.searchsorted(self.offsets, index.numpy(), side="right") - 1
+        out = {key: [] for key in ("mean", "std", "images")}
+        for i, s in zip(index.tolist(), shard.tolist()):
+            row = i - self.offsets[s]
+            for key in out:
+                out[key].append(self.files[s].get_slice(key)[row : row + 1])
+        return {key: torch.cat(value).float() if key != "images" else torch.cat(value) for key, value in out.items()}
+
+
+class LatentSet:
+    """A latent folder as the training set: the loop's ``batch_rows`` draws posterior samples."""
+
+    is_latent = True
+
+    def __init__(self, root: str | Path):
+        self.shards = LatentShards(root)
+        self.labels = self.shards.labels
+        self.num_classes = len(self.shards.manifest["classes"])
+        self.scale = self.shards.manifest["scaling_factor"]
+        self.name = f"latents:{Path(root).name}"
+        self.channels, self.resolution = self.shards.latent_shape[0], self.shards.latent_shape[-1]
+        self.fingerprint = json.dumps(self.shards.manifest, sort_keys=True)  # its VAE, crops and shards
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def batch_rows(self, index: torch.Tensor, generator: torch.Generator | None):
+        """(scale * (mean + std * eps), the stored uint8 images), eps from ``generator``."""
+        rows = self.shards.rows(index)
+        eps = torch.randn(rows["mean"].shape, generator=generator)
+        return self.scale * (rows["mean"] + rows["std"] * eps), rows["images"]

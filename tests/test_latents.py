@@ -1,0 +1,97 @@
+"""The latent path on tiny data the test builds: an image folder, a tiny AutoencoderKL, shards
+written by the CLI, training from them (lazily read, posterior draws), exact resume, bad shards."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from vrpo.cli import main  # noqa: E402
+from vrpo.data import DataError  # noqa: E402
+from vrpo.data.latents import LatentSet, LatentShards  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("latents")
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog", "fox"):
+        (root / "images" / c).mkdir(parents=True)
+        for i in range(4):  # not square, not the resolution: the ADM crop decides
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / "images" / c / f"{i}.png")
+    torch.manual_seed(0)
+    blocks = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=16, **blocks
+    )
+    vae.save_pretrained(root / "vae")
+    return root
+
+
+def prepare(folder, out, *extra):
+    return main(["prepare-latents", "--images", str(folder / "images"), "--out", str(out), "--vae",
+                 str(folder / "vae"), "--resolution", "16", "--shard-size", "5", "--batch-size", "3",
+                 *extra])  # fmt: skip
+
+
+def test_prepare_writes_shards_that_resume_and_read_lazily(folder, tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert prepare(folder, out) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == 12 and manifest["classes"] == ["cat", "dog", "fox"]
+    assert [s["count"] for s in manifest["shards"]] == [5, 5, 2] and manifest["resolution"] == 16
+    assert "12 images in 3 shards" in capsys.readouterr().out
+    shards = LatentShards(out)
+    rows = shards.rows(torch.tensor([11, 0, 6]))
+    assert rows["mean"].shape == (3, 4, 8, 8) and rows["images"].shape == (3, 3, 16, 16)
+    assert shards.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert (rows["std"] > 0).all()
+    # a killed job: the finished shards stay, the missing one is written again, identically
+    first = (out / "shard-00001.safetensors").read_bytes()
+    (out / "shard-00001.safetensors").unlink()
+    mtime = (out / "shard-00000.safetensors").stat().st_mtime_ns
+    assert prepare(folder, out) == 0
+    assert (out / "shard-00001.safetensors").read_bytes() == first
+    assert (out / "shard-00000.safetensors").stat().st_mtime_ns == mtime
+    # the draws: scale * (mean + std * eps), eps from the generator
+    data = LatentSet(out)
+    x, images = data.batch_rows(torch.tensor([0, 1]), torch.Generator().manual_seed(1))
+    eps = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    rows = shards.rows(torch.tensor([0, 1]))
+    torch.testing.assert_close(x, data.scale * (rows["mean"] + rows["std"] * eps))
+    assert images.dtype == torch.uint8 and data.resolution == 8 and data.channels == 4
+
+
+def test_training_from_shards_resumes_exactly(folder, tmp_path, tiny_overrides):
+    from safetensors.torch import load_file
+
+    from vrpo.config import load_config
+    from vrpo.runs.checkpoint import step_dirs
+    from vrpo.train import train
+
+    out = tmp_path / "shards"
+    assert prepare(folder, out) == 0
+    sets = [*tiny_overrides, "data.name=latents", f"data.root={out}", "data.limit=0", "data.resolution=8",
+            "model.arch=SiT-T/2", "train.batch_size=4", "train.ckpt_every=2", "train.sample_grid=0"]  # fmt: skip
+    train(load_config(None, [*sets, "train.max_steps=4"]), tmp_path / "straight")
+    train(load_config(None, [*sets, "train.max_steps=2"]), tmp_path / "stopped")
+    train(load_config(None, [*sets, "train.max_steps=4"]), tmp_path / "stopped")  # resumed at step 2
+    a = load_file(str(step_dirs(tmp_path / "straight")[0] / "model.safetensors"))
+    b = load_file(str(step_dirs(tmp_path / "stopped")[0] / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_corrupt_or_foreign_shard_is_named_in_one_line(folder, tmp_path):
+    out = tmp_path / "shards"
+    assert prepare(folder, out) == 0
+    (out / "shard-00002.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DataError, match="shard-00002.safetensors is missing, corrupt or foreign"):
+        LatentShards(out)
+    (out / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(DataError, match="is not a vrpo-latents-1 manifest"):
+        LatentShards(out)
