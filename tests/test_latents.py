@@ -84,6 +84,12 @@ def test_training_from_shards_resumes_exactly(folder, tmp_path, tiny_overrides):
     a = load_file(str(step_dirs(tmp_path / "straight")[0] / "model.safetensors"))
     b = load_file(str(step_dirs(tmp_path / "stopped")[0] / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # sampling decodes through the folder's VAE: pixels at the prepared resolution
+    from vrpo.sample import sample_run
+
+    samples = sample_run(tmp_path / "straight", 3, tmp_path / "s.npz", batch_size=2, progress=False)
+    with np.load(samples) as f:
+        assert f["arr_0"].shape == (3, 16, 16, 3) and f["arr_0"].dtype == np.uint8
 
 
 def test_a_corrupt_or_foreign_shard_is_named_in_one_line(folder, tmp_path):

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vrpo.config import with_sampler
+from vrpo.data.latents import latent_decoder
 from vrpo.runs import load_run_model
 from vrpo.transport import generate
 from vrpo.utils.dist import barrier, gather_mapping, init_distributed, is_main, rank_and_world
@@ -40,7 +41,8 @@ def sample_batch(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     with autocast:
         x = generate(model, cfg, labels.to(device) if conditional else None, noise, generator, **sampler_overrides)
-    return to_uint8(x).cpu(), labels
+    decode = latent_decoder(cfg, device)  # a latent run's samples through its VAE
+    return to_uint8(x if decode is None else decode(x)).cpu(), labels
 
 
 def rank_batches(num: int, batch_size: int) -> range:

@@ -187,3 +187,19 @@ class LatentSet:
         rows = self.shards.rows(index)
         eps = torch.randn(rows["mean"].shape, generator=generator)
         return self.scale * (rows["mean"] + rows["std"] * eps), rows["images"]
+
+
+_DECODERS: dict[tuple[str, str], object] = {}
+
+
+def latent_decoder(cfg, device):
+    """The VAE that decodes a latent run's samples to pixels in [-1, 1] (None for pixel runs): the
+    one the run's latent folder was prepared with, read from its manifest, loaded once per device."""
+    if cfg.data.name != "latents":
+        return None
+    manifest = LatentShards(cfg.data.root).manifest
+    key = (manifest["vae"], str(device))
+    if key not in _DECODERS:
+        _DECODERS[key] = load_vae(manifest["vae"], device)
+    vae, scale = _DECODERS[key], manifest["scaling_factor"]
+    return lambda latents: vae.decode(latents.float() / scale).sample
