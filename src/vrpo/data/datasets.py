@@ -165,30 +165,42 @@ def center_crop_adm(image, size: int):
     return arr[top : top + size, left : left + size]
 
 
-def load_image_folder(root: str | None, resolution: int) -> ImageSet:
-    from PIL import Image
-
-    if not root or not Path(root).is_dir():
-        raise DataError(f"image folder {root!r} not found: set data.root to a folder with one subfolder per class")
-    root_path = Path(root)
-    classes = sorted(p.name for p in root_path.iterdir() if p.is_dir())
+def class_folder_images(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """(paths, labels, class names) of a folder with one subfolder per class (ImageNet's layout)."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"image folder {root} has no class subfolders (expected ROOT/CLASS/IMAGE.png)")
-    arrays, labels = [], []
-    for index, cls in enumerate(classes):
-        for path in sorted((root_path / cls).rglob("*")):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(path) as img:
-                    arrays.append(center_crop_adm(img.convert("RGB"), resolution))
-            except OSError as err:
-                raise DataError(f"cannot read image {path}: {err}") from None
-            labels.append(index)
-    if not arrays:
+    paths, labels = [], []
+    for index, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                paths.append(path)
+                labels.append(index)
+    if not paths:
         raise DataError(f"image folder {root} holds no images with suffixes {sorted(IMAGE_SUFFIXES)}")
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return ImageSet(images, torch.tensor(labels, dtype=torch.int64), len(classes), f"folder:{root_path.name}")
+    return paths, labels, classes
+
+
+def read_crops(paths: list[Path], resolution: int) -> torch.Tensor:
+    """The images at ``paths``, RGB and ADM-cropped to ``resolution``: uint8 [N, 3, R, R]."""
+    from PIL import Image
+
+    crops = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                crops.append(center_crop_adm(image.convert("RGB"), resolution))
+        except OSError as err:
+            raise DataError(f"cannot read image {path}: {err}") from None
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_image_folder(root: str | None, resolution: int) -> ImageSet:
+    if not root or not Path(root).is_dir():
+        raise DataError(f"image folder {root!r} not found: set data.root to a folder with one subfolder per class")
+    paths, labels, classes = class_folder_images(Path(root))
+    images = read_crops(paths, resolution)
+    return ImageSet(images, torch.tensor(labels, dtype=torch.int64), len(classes), f"folder:{Path(root).name}")
 
 
 # ---------------------------------------------------------------- pre-encoded tensors

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vrpo.data.datasets import IMAGE_SUFFIXES, DataError, center_crop_adm
+from vrpo.data.datasets import DataError, class_folder_images, read_crops
 from vrpo.utils.files import replacing
 
 FORMAT = "vrpo-latents-1"
@@ -34,18 +34,7 @@ def list_images(root: Path, labels_file: Path | None = None) -> tuple[list[Path]
             raise DataError(f"labels file {labels_file}: each line must be 'RELATIVE_PATH LABEL'")
         names = sorted({p[1] for p in pairs})
         return [root / p[0] for p in pairs], [names.index(p[1]) for p in pairs], names
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"image folder {root} has no class subfolders: pass --labels FILE for a flat folder")
-    paths, labels = [], []
-    for index, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                paths.append(path)
-                labels.append(index)
-    if not paths:
-        raise DataError(f"image folder {root} holds no images with suffixes {sorted(IMAGE_SUFFIXES)}")
-    return paths, labels, classes
+    return class_folder_images(root)
 
 
 def load_vae(source: str, device: str = "cpu"):
@@ -54,19 +43,6 @@ def load_vae(source: str, device: str = "cpu"):
     except ImportError:
         raise ImportError("prepare-latents needs diffusers: pip install -e .[imagenet]") from None
     return AutoencoderKL.from_pretrained(source).to(device).eval().requires_grad_(False)
-
-
-def read_crops(paths: list[Path], resolution: int) -> torch.Tensor:
-    from PIL import Image
-
-    crops = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                crops.append(center_crop_adm(image.convert("RGB"), resolution))
-        except OSError as err:
-            raise DataError(f"cannot read image {path}: {err}") from None
-    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
 
 
 @torch.no_grad()
