@@ -6,6 +6,8 @@ RUN ?= runs/demo
 DEMO_CONFIG ?= configs/fmnist/demo.yaml
 FMNIST_DIR = /usr/share/datasets/fashion-mnist
 STAMP = .make-installed
+# The tests are single-threaded (tests/conftest.py): one worker per core, each test file on one worker.
+TEST_WORKERS ?= auto
 
 .PHONY: install data demo lint format test bench clean
 
@@ -45,7 +47,7 @@ format: install
 	$(PYTHON) -m ruff format .
 
 test: lint data
-	@$(PYTHON) -m pytest tests; rc=$$?; \
+	@$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
 bench: install
