@@ -92,6 +92,37 @@ def test_training_from_shards_resumes_exactly(folder, tmp_path, tiny_overrides):
         assert f["arr_0"].shape == (3, 16, 16, 3) and f["arr_0"].dtype == np.uint8
 
 
+def test_the_whole_path_with_an_encoder_on_the_fly_and_a_score(folder, tmp_path, tiny_overrides, capsys):
+    """Prepare, REPA on the latents with a tiny DINOv2 reading the stored images, sample, decode, score."""
+    transformers = pytest.importorskip("transformers")
+    from vrpo.config import load_config
+    from vrpo.sample import sample_run
+    from vrpo.train import train
+
+    config = transformers.Dinov2Config(patch_size=14, image_size=28, hidden_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=32)  # fmt: skip
+    transformers.Dinov2Model(config).save_pretrained(tmp_path / "dino")
+    out = tmp_path / "shards"
+    assert prepare(folder, out) == 0
+    sets = [*tiny_overrides, "data.name=latents", f"data.root={out}", "data.limit=0", "data.resolution=8",
+            "model.arch=SiT-T/2", "train.batch_size=4", "train.max_steps=2", "train.sample_grid=0",
+            "objective.name=repa", f"objective.encoders=[hf:{tmp_path / 'dino'}]", "objective.encoder_input_size=28",
+            "objective.feature_cache=null", "objective.projector_width=16"]  # fmt: skip
+    result = train(load_config(None, sets), tmp_path / "run")
+    logged = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert result.step == 2  # the encoder ran on the stored images: loss = denoise + 0.5 (-cos), -cos != 0
+    assert all(
+        r["loss_align"] != 0 and r["loss"] == pytest.approx(r["loss_denoise"] + 0.5 * r["loss_align"]) for r in logged
+    )
+    samples = sample_run(tmp_path / "run", 4, tmp_path / "s.npz", batch_size=4, progress=False)
+    capsys.readouterr()
+    stored = LatentShards(out).rows(torch.arange(12))["images"]  # the reference: the crops at 16 px
+    np.savez(tmp_path / "ref.npz", arr_0=stored.permute(0, 2, 3, 1).numpy())
+    ref = ["--ref", str(tmp_path / "ref.npz"), "--ref-num", "12", "--cache-dir", str(tmp_path / "refstats")]
+    assert main(["eval", "--samples", str(samples), *ref, "--metrics", "fid", "--num", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["fid"] > 0
+
+
 def test_a_corrupt_or_foreign_shard_is_named_in_one_line(folder, tmp_path):
     out = tmp_path / "shards"
     assert prepare(folder, out) == 0
