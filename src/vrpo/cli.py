@@ -80,7 +80,8 @@ def _prepare_latents(args) -> int:
     device = init_distributed(args.device)[2]
     start = time.perf_counter()
     manifest = prepare_latents(args.images, args.out, args.vae, args.resolution, args.labels, args.shard_size,
-                               args.batch_size, str(device), log=print if is_main() else lambda *_: None)  # fmt: skip
+                               args.batch_size, str(device), args.workers,
+                               log=print if is_main() else lambda *_: None)  # fmt: skip
     if is_main():
         seconds = time.perf_counter() - start
         print(f"{manifest['count']} images in {len(manifest['shards'])} shards at {args.out} "
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=0, help="processes reading and cropping images (0: in the main one)")
     p.set_defaults(func=_prepare_latents)
 
     p = sub.add_parser("import-checkpoint", help="an official REPA, SiT or DiT checkpoint as a run folder")

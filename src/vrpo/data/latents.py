@@ -45,10 +45,23 @@ def load_vae(source: str, device: str = "cpu"):
     return AutoencoderKL.from_pretrained(source).to(device).eval().requires_grad_(False)
 
 
+class CropBatches(torch.utils.data.Dataset):
+    """Batches of image paths, read and ADM-cropped (in DataLoader workers)."""
+
+    def __init__(self, batches: list[list[Path]], resolution: int):
+        self.batches, self.resolution = batches, resolution
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return read_crops(self.batches[i], self.resolution)
+
+
 @torch.no_grad()
 def prepare_latents(images: str | Path, out: str | Path, vae: str = "stabilityai/sd-vae-ft-ema",
                     resolution: int = 256, labels_file: str | Path | None = None, shard_size: int = 1024,
-                    batch_size: int = 32, device: str = "cpu", log=print) -> dict:  # fmt: skip
+                    batch_size: int = 32, device: str = "cpu", workers: int = 0, log=print) -> dict:  # fmt: skip
     """Encode a folder into shards; shards already written are kept, so a killed job resumes. Under
     torchrun each rank writes every world-size-th shard and rank 0 the manifest."""
     from safetensors.torch import save_file
@@ -69,8 +82,9 @@ def prepare_latents(images: str | Path, out: str | Path, vae: str = "stabilityai
         if number % world != rank or (out / name).is_file():
             continue
         parts = {key: [] for key in ("mean", "std", "images")}
-        for begin in range(start, start + count, batch_size):
-            crops = read_crops(paths[begin : min(begin + batch_size, start + count)], resolution)
+        batches = [paths[b : min(b + batch_size, start + count)] for b in range(start, start + count, batch_size)]
+        reader = torch.utils.data.DataLoader(CropBatches(batches, resolution), batch_size=None, num_workers=workers)
+        for crops in reader:  # read and cropped by ``workers`` processes while the VAE encodes
             posterior = net.encode(crops.to(device).float() / 127.5 - 1).latent_dist
             parts["mean"].append(posterior.mean.half().cpu())
             parts["std"].append(posterior.std.half().cpu())
