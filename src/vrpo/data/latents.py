@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from vrpo.data.datasets import DataError, class_folder_images, read_crops
 from vrpo.utils.files import replacing
@@ -61,7 +62,7 @@ class CropBatches(torch.utils.data.Dataset):
 @torch.no_grad()
 def prepare_latents(images: str | Path, out: str | Path, vae: str = "stabilityai/sd-vae-ft-ema",
                     resolution: int = 256, labels_file: str | Path | None = None, shard_size: int = 1024,
-                    batch_size: int = 32, device: str = "cpu", workers: int = 0, log=print) -> dict:  # fmt: skip
+                    batch_size: int = 32, device: str = "cpu", workers: int = 0, log=print, progress: bool = True) -> dict:  # fmt: skip
     """Encode a folder into shards; shards already written are kept, so a killed job resumes. Under
     torchrun each rank writes every world-size-th shard and rank 0 the manifest."""
     from safetensors.torch import save_file
@@ -74,9 +75,10 @@ def prepare_latents(images: str | Path, out: str | Path, vae: str = "stabilityai
     out.mkdir(parents=True, exist_ok=True)
     net = load_vae(vae, device)
     rank, world = rank_and_world()
+    progress = progress and is_main()
     starts = range(0, len(paths), shard_size)
     shards = []
-    for number, start in enumerate(starts):
+    for number, start in enumerate(tqdm(starts, desc="prepare-latents", unit="shard", disable=not progress)):
         name, count = f"shard-{number:05d}.safetensors", min(shard_size, len(paths) - start)
         shards.append({"file": name, "count": count})
         if number % world != rank or (out / name).is_file():
@@ -93,7 +95,6 @@ def prepare_latents(images: str | Path, out: str | Path, vae: str = "stabilityai
         tensors["labels"] = torch.tensor(labels[start : start + count], dtype=torch.int64)
         with replacing(out / name) as tmp:
             save_file(tensors, str(tmp))
-        log(f"{name}: {count} images")
     barrier()
     manifest = {
         "format": FORMAT, "vae": vae, "vae_sha256": state_dict_sha256(net), "resolution": resolution,
