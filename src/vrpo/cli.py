@@ -80,8 +80,7 @@ def _prepare_latents(args) -> int:
     device = init_distributed(args.device)[2]
     start = time.perf_counter()
     manifest = prepare_latents(args.images, args.out, args.vae, args.resolution, args.labels, args.shard_size,
-                               args.batch_size, str(device), args.workers,
-                               log=print if is_main() else lambda *_: None)  # fmt: skip
+                               args.batch_size, str(device), args.workers)  # fmt: skip
     if is_main():
         seconds = time.perf_counter() - start
         print(f"{manifest['count']} images in {len(manifest['shards'])} shards at {args.out} "

@@ -62,7 +62,8 @@ class CropBatches(torch.utils.data.Dataset):
 @torch.no_grad()
 def prepare_latents(images: str | Path, out: str | Path, vae: str = "stabilityai/sd-vae-ft-ema",
                     resolution: int = 256, labels_file: str | Path | None = None, shard_size: int = 1024,
-                    batch_size: int = 32, device: str = "cpu", workers: int = 0, log=print, progress: bool = True) -> dict:  # fmt: skip
+                    batch_size: int = 32, device: str = "cpu", workers: int = 0,
+                    progress: bool = True) -> dict:  # fmt: skip
     """Encode a folder into shards; shards already written are kept, so a killed job resumes. Under
     torchrun each rank writes every world-size-th shard and rank 0 the manifest."""
     from safetensors.torch import save_file
