@@ -123,9 +123,13 @@ def test_the_whole_path_with_an_encoder_on_the_fly_and_a_score(folder, tmp_path,
     assert json.loads(capsys.readouterr().out)["fid"] > 0
 
 
-def test_a_corrupt_or_foreign_shard_is_named_in_one_line(folder, tmp_path):
+def test_a_corrupt_or_foreign_shard_is_named_in_one_line(folder, tmp_path, capsys):
     out = tmp_path / "shards"
     assert prepare(folder, out) == 0
+    # a resume with other settings would mix two datasets: refused
+    assert main(["prepare-latents", "--images", str(folder / "images"), "--out", str(out), "--vae",
+                 str(folder / "vae"), "--resolution", "24", "--shard-size", "5"]) == 1  # fmt: skip
+    assert "prepared with other settings (resolution differ)" in capsys.readouterr().err
     (out / "shard-00002.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(DataError, match="shard-00002.safetensors is missing, corrupt or foreign"):
         LatentShards(out)

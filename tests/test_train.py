@@ -248,7 +248,7 @@ def test_sampling_is_reproducible_and_resumable(tmp_path, tiny_overrides):
 
     train(tiny_cfg(tiny_overrides, "train.max_steps=2"), tmp_path / "run")
     a = sample_run(tmp_path / "run", 10, tmp_path / "a.npz", batch_size=4, progress=False)
-    parts = tmp_path / "b.npz.parts"
+    parts = tmp_path / "b.npz.parts-b4-s0-sample"
     parts.mkdir()
     # a job killed after its first batch: that batch is kept and reused
     sample_run(tmp_path / "run", 4, tmp_path / "first.npz", batch_size=4, progress=False)

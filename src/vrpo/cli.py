@@ -12,7 +12,7 @@ import torch
 from vrpo.config import load_config, parse_override
 from vrpo.data import DataError, load_dataset
 from vrpo.encoders.cache import CacheMismatch, build_feature_caches
-from vrpo.errors import ConfigError, EvalError, PeerLost
+from vrpo.errors import ConfigError, EvalError, MissingExtra, PeerLost
 from vrpo.eval.plot import plot_runs
 from vrpo.eval.representations import RUN_METRICS, evaluate_representations
 from vrpo.eval.sample_metrics import SAMPLE_METRICS, evaluate_samples, metrics_record
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         EvalError,
         PeerLost,
-        ImportError,  # an optional extra that is not installed: the message says which
+        MissingExtra,  # an optional extra that is not installed: the message says which
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -85,7 +85,7 @@ def check_training(cfg: Config) -> None:
     e = cfg.eval
     need(
         e.every >= 0 and e.num_samples >= 2 and e.ra_num >= 0 and e.batch_size >= 1,
-        "eval.every, eval.num_samples (>= 2), eval.ra_num and eval.batch_size (>= 1) must be non-negative",
+        "eval.every and eval.ra_num must be >= 0, eval.num_samples >= 2 and eval.batch_size >= 1",
     )
     need(
         e.final_num_samples == 0 or e.final_num_samples >= 2,
@@ -182,6 +182,11 @@ def check_family(cfg: Config) -> None:
     """The objective and the sampler against the model's family (flow or ddpm)."""
     s = cfg.sampler
     family, options = family_of(cfg.model.arch), cfg.objective
+    need(
+        not (cfg.data.name == "latents" and options.cache_root()),
+        "objective.feature_cache reads a whole in-memory set: a latent folder's targets are encoded on the fly "
+        "(objective.feature_cache=null)",
+    )
     need(
         family in options.families,
         f"objective '{options.name}' does not train the {family} family of model.arch "

@@ -11,3 +11,7 @@ class EvalError(RuntimeError):
 
 class PeerLost(RuntimeError):
     """A distributed run lost a rank (it died, or hung beyond the timeout), phrased as one line."""
+
+
+class MissingExtra(ImportError):
+    """An optional dependency is not installed; the message names the pip extra that brings it."""

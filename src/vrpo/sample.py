@@ -3,7 +3,7 @@
 Samples are class-balanced (label i mod num_classes) and sample i draws all its noise from a
 generator keyed on (seed, i) (``sampler.noise_keying: sample``), so N samples are the same for any
 batch size, world size and order of completion; ``sample_run`` keeps finished batches in
-``OUT.parts/`` and a killed job resumes.
+``OUT.parts-b{batch}-s{seed}-{keying}/`` and a killed job resumes.
 The npz holds arr_0 (uint8 N x H x W x C) and arr_1 (labels).
 """
 
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from vrpo.config import with_sampler
 from vrpo.data.latents import latent_decoder
+from vrpo.errors import EvalError
 from vrpo.runs import load_run_model
 from vrpo.transport import generate
 from vrpo.utils.dist import barrier, gather_mapping, init_distributed, is_main, rank_and_world
@@ -52,9 +53,11 @@ def rank_batches(num: int, batch_size: int) -> range:
 
 
 @torch.no_grad()
-def generate_images(model, cfg, num: int, seed: int = 0, batch_size: int = 64, **sampler_overrides) -> torch.Tensor:
+def generate_images(
+    model, cfg, num: int, seed: int = 0, batch_size: int = 64, **sampler_overrides
+) -> torch.Tensor | None:
     """``num`` class-balanced uint8 samples [N, C, H, W], the same as ``vrpo sample`` writes for this seed.
-    Under torchrun every rank samples its share of the batches and every rank returns all of them."""
+    Under torchrun every rank samples its share of the batches; rank 0 gets them all, the others None."""
     was_training = model.training
     model.eval()
     mine = {
@@ -63,7 +66,7 @@ def generate_images(model, cfg, num: int, seed: int = 0, batch_size: int = 64, *
     }
     model.train(was_training)
     batches = gather_mapping(mine)
-    return torch.cat([batches[start] for start in range(0, num, batch_size)])
+    return None if batches is None else torch.cat([batches[start] for start in range(0, num, batch_size)])
 
 
 def sample_run(
@@ -82,7 +85,8 @@ def sample_run(
     cfg = with_sampler(cfg, **sampler_overrides)  # refused in one line if they cannot sample this run
     sampler_overrides = {}
     out = Path(out)
-    parts = out.with_name(out.name + ".parts")
+    # a part is batch `start` of this batch size, seed and keying: another setting gets other parts
+    parts = out.with_name(f"{out.name}.parts-b{batch_size}-s{seed}-{cfg.sampler.noise_keying}")
     parts.mkdir(parents=True, exist_ok=True)
     batches = range(0, num, batch_size)
     for start in tqdm(
@@ -100,6 +104,9 @@ def sample_run(
     images, labels = [], []
     for start in batches:
         with np.load(parts / f"{start:08d}.npz") as f:
+            if len(f["labels"]) != min(batch_size, num - start):
+                raise EvalError(f"sample part {parts / f'{start:08d}.npz'} holds {len(f['labels'])} samples, not "
+                                f"{min(batch_size, num - start)}: delete {parts} and sample again")  # fmt: skip
             images.append(f["images"])
             labels.append(f["labels"])
     images_nchw = np.concatenate(images)

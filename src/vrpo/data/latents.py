@@ -10,6 +10,7 @@ rows are read through safetensors' memory map, shard by shard, never the whole s
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vrpo.data.datasets import DataError, class_folder_images, read_crops
+from vrpo.errors import MissingExtra
 from vrpo.utils.files import replacing
 
 FORMAT = "vrpo-latents-1"
@@ -34,6 +36,8 @@ def list_images(root: Path, labels_file: Path | None = None) -> tuple[list[Path]
         if any(len(p) != 2 for p in pairs):
             raise DataError(f"labels file {labels_file}: each line must be 'RELATIVE_PATH LABEL'")
         names = sorted({p[1] for p in pairs})
+        if all(name.isdigit() for name in names):  # numeric labels are the class indices themselves
+            names = sorted(names, key=int)
         return [root / p[0] for p in pairs], [names.index(p[1]) for p in pairs], names
     return class_folder_images(root)
 
@@ -42,7 +46,7 @@ def load_vae(source: str, device: str = "cpu"):
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise ImportError("prepare-latents needs diffusers: pip install -e .[imagenet]") from None
+        raise MissingExtra("latent runs need diffusers (the VAE): pip install -e .[imagenet]") from None
     return AutoencoderKL.from_pretrained(source).to(device).eval().requires_grad_(False)
 
 
@@ -75,6 +79,22 @@ def prepare_latents(images: str | Path, out: str | Path, vae: str = "stabilityai
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     net = load_vae(vae, device)
+    # what decides the shards' contents: a resume with other settings would mix two datasets
+    settings = {
+        "vae": vae,
+        "vae_sha256": state_dict_sha256(net),
+        "resolution": resolution,
+        "shard_size": shard_size,
+        "images": hashlib.sha256("\n".join(f"{p} {y}" for p, y in zip(paths, labels)).encode()).hexdigest(),
+    }
+    recorded = out / "prepare.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+        old = json.loads(recorded.read_text())
+        differ = [key for key in settings if old.get(key) != settings[key]]
+        raise DataError(f"{out} was prepared with other settings ({', '.join(differ)} differ): use a new --out")
+    if is_main():
+        with replacing(recorded) as tmp:
+            tmp.write_text(json.dumps(settings, indent=1))
     rank, world = rank_and_world()
     progress = progress and is_main()
     starts = range(0, len(paths), shard_size)
@@ -98,7 +118,7 @@ def prepare_latents(images: str | Path, out: str | Path, vae: str = "stabilityai
             save_file(tensors, str(tmp))
     barrier()
     manifest = {
-        "format": FORMAT, "vae": vae, "vae_sha256": state_dict_sha256(net), "resolution": resolution,
+        "format": FORMAT, "vae": vae, "vae_sha256": settings["vae_sha256"], "resolution": resolution,
         "scaling_factor": float(getattr(net.config, "scaling_factor", 0.18215)), "count": len(paths),
         "classes": classes, "shards": shards,
     }  # fmt: skip
@@ -181,7 +201,7 @@ class LatentSet:
         return self.scale * (rows["mean"] + rows["std"] * eps), rows["images"]
 
 
-_DECODERS: dict[tuple[str, str], object] = {}
+_DECODERS: dict[tuple[str, str], tuple] = {}
 
 
 def latent_decoder(cfg, device):
@@ -189,9 +209,12 @@ def latent_decoder(cfg, device):
     one the run's latent folder was prepared with, read from its manifest, loaded once per device."""
     if cfg.data.name != "latents":
         return None
-    manifest = LatentShards(cfg.data.root).manifest
-    key = (manifest["vae"], str(device))
+    key = (str(cfg.data.root), str(device))
     if key not in _DECODERS:
-        _DECODERS[key] = load_vae(manifest["vae"], device)
-    vae, scale = _DECODERS[key], manifest["scaling_factor"]
+        path = Path(cfg.data.root or "") / "manifest.json"
+        if not cfg.data.root or not path.is_file():
+            raise DataError(f"a latent run decodes through the VAE its latent folder names: no {path} (data.root)")
+        manifest = json.loads(path.read_text())
+        _DECODERS[key] = (load_vae(manifest["vae"], device), manifest["scaling_factor"])
+    vae, scale = _DECODERS[key]
     return lambda latents: vae.decode(latents.float() / scale).sample

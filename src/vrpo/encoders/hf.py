@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vrpo.errors import MissingExtra
+
 from .base import EncoderOutput, FrozenEncoder, resize_spec
 from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, input_size_for
 
@@ -55,7 +57,7 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise ImportError(f"hf: encoders need transformers: {INSTALL}") from None
+        raise MissingExtra(f"hf: encoders need transformers: {INSTALL}") from None
     return transformers
 
 
@@ -89,11 +91,12 @@ class TransformersEncoder(FrozenEncoder):
             self.net = transformers.ViTMAEModel.from_pretrained(source, mask_ratio=0.0)
         else:
             self.net = transformers.AutoModel.from_pretrained(source)
+        self.net.float()  # a checkpoint stored in half precision meets float32 inputs (autocast decides later)
         self.patch = config.patch_size
         if input_size is None:
             input_size = input_size_for(int(resolution), self.patch) if self.family.scales_with_resolution else None
             input_size = input_size or config.image_size
-        if input_size <= 0 or input_size % self.patch:
+        if input_size <= 0 or (self.family.scales_with_resolution and input_size % self.patch):
             raise ValueError(f"{self.name}: input_size must be a positive multiple of {self.patch}, got {input_size}")
         if not self.family.scales_with_resolution and input_size != config.image_size:
             raise ValueError(
@@ -107,7 +110,7 @@ class TransformersEncoder(FrozenEncoder):
         self._freeze()
 
     def grid_for(self, image_hw: tuple[int, int]) -> tuple[int, int]:
-        side = self.input_size // self.patch
+        side = self.input_size // self.patch  # the convolution drops a remainder (SigLIP so400m: 384 / 14)
         return side, side
 
     @property
@@ -135,4 +138,6 @@ class TransformersEncoder(FrozenEncoder):
         out = self.net(pixel_values=x, **extra)
         hidden = out.last_hidden_state
         global_ = out.pooler_output if self.family.global_from == "pooler" else hidden[:, 0]
+        if global_ is None:  # a SigLIP tower without its pooling head: the tokens' mean
+            global_ = hidden.mean(1)
         return EncoderOutput(hidden[:, self.prefix :].contiguous(), global_.contiguous(), self.grid_for((0, 0)))

@@ -46,6 +46,10 @@ class ReDiOptions(REPAOptions):
                 f"objective redi needs one encoder, components >= 1 and pca_images >= 2, got {len(self.encoders)}, "
                 f"{self.components}, {self.pca_images}"
             )
+        if cfg.data.name == "latents":
+            raise ConfigError(
+                "objective redi fits its PCA on an in-memory pixel set; data.name=latents is not supported yet"
+            )
         if cfg.model.representation_channels != self.components:
             raise ConfigError(
                 f"objective redi generates {self.components} components as channels: model.representation_channels "

@@ -114,7 +114,10 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, path)
         return
-    saved = _flat(load_run_config(run_dir).to_dict())
+    saved_cfg = load_run_config(run_dir)
+    if saved_cfg.sampler.noise_keying == "batch":  # a run evaluated before per-sample keying keeps its noise
+        cfg.sampler.noise_keying = "batch"
+    saved = _flat(saved_cfg.to_dict())
     now = _flat(cfg.to_dict())
     changed = [
         k
@@ -369,8 +372,10 @@ class Trainer:
             dynamic_ncols=True,
             desc="train",
         )
-        if self.step and self.eval_due() and self.step not in read_metrics(self.run_dir):
-            self.evaluate()  # the run was stopped between its checkpoint and its evaluation
+        # the run was stopped between its checkpoint and its evaluation: rank 0's file decides for all
+        if any_rank(self.main and self.step > 0 and self.eval_due() and self.step not in read_metrics(self.run_dir),
+                    self.device):  # fmt: skip
+            self.evaluate()
         with StopRequest() as stop:
             try:
                 last = self._steps(bar, stop)

@@ -150,11 +150,13 @@ class FlowNoising(Noising):
         every = options["encoder_sharing"]
         if options["encoder_schedule"] != "optimal" or every == 1:
             return EncoderSharing(every=every)
+        # a fixed template (8 samples, classes 0..7, seed 0): the schedule is the same for every batch
         template = torch.Generator().manual_seed(0)
-        rows = min(8, noise.shape[0])
+        rows = 8
         template_noise = torch.randn((rows, *noise.shape[1:]), generator=template).to(noise.device)
         probe = copy.copy(guided)
-        probe.labels = None if labels is None else labels[:rows]
+        classes = guided.model.num_classes
+        probe.labels = None if labels is None else (torch.arange(rows) % max(classes, 1)).to(labels.device)
         probe.sharing = EncoderSharing(record=True)
         self.integrate(probe, template_noise, options, template)
         evaluations = len(probe.sharing.history)

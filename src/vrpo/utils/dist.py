@@ -57,10 +57,10 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def gather_mapping(mine: dict) -> dict:
-    """The union over ranks of every rank's ``{key: value}`` (each rank gets all of it)."""
+def gather_mapping(mine: dict) -> dict | None:
+    """The union over ranks of every rank's ``{key: value}`` on rank 0; None on the others."""
     if not dist.is_initialized():
         return dict(mine)
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine)
-    return {key: value for part in parts for key, value in part.items()}
+    parts: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    return None if parts is None else {key: value for part in parts for key, value in part.items()}
