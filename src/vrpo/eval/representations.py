@@ -109,8 +109,10 @@ def evaluate_representations(
     if any(not 0.0 <= t <= 1.0 for t in timesteps) or not timesteps:
         raise EvalError(f"timesteps must lie in [0, 1], got {list(timesteps)}")
     cfg, model, step = load_run_model(run_dir, which, device)
-    if cfg.data.name == "tensors":
-        raise EvalError("representation metrics need pixel images; this run trains on latents (data.name=tensors)")
+    if cfg.data.name in ("tensors", "latents"):
+        raise EvalError(
+            f"representation metrics need pixel images; this run trains on latents (data.name={cfg.data.name})"
+        )
     name, _, other_split = (dataset or cfg.data.name).partition(":")
     split = other_split or split
     root = cfg.data.root if name == cfg.data.name else None  # a user's copy elsewhere: $VRPO_DATA_ROOT

@@ -56,8 +56,8 @@ def evaluate_during_training(
     record (the others return {}). Pass the same ``extractors`` dict (e.g. ``{}``) every time:
     the Inception network built on the first call stays in it. Returns the appended record.
     """
-    if cfg.data.name == "tensors":
-        raise EvalError("sample metrics need pixels; latent runs would need a decoder first")
+    if cfg.data.name in ("tensors", "latents"):
+        raise EvalError("sample metrics during training need pixels: latent runs are scored from vrpo sample's npz")
     device = str(next(model_or_ema.parameters()).device)
     images = generate_images(model_or_ema, cfg, num, seed, batch_size, **sampler_overrides)
     if not is_main():
