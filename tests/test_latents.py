@@ -117,7 +117,9 @@ def test_the_whole_path_with_an_encoder_on_the_fly_and_a_score(folder, tmp_path,
     samples = sample_run(tmp_path / "run", 4, tmp_path / "s.npz", batch_size=4, progress=False)
     capsys.readouterr()
     stored = LatentShards(out).rows(torch.arange(12))["images"]  # the reference: the crops at 16 px
-    np.savez(tmp_path / "ref.npz", arr_0=stored.permute(0, 2, 3, 1).numpy())
+    # shaped like ADM's VIRTUAL_imagenet256_labeled.npz: arr_0 and its TensorFlow statistics beside it
+    tf_stats = dict(mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    np.savez(tmp_path / "ref.npz", arr_0=stored.permute(0, 2, 3, 1).numpy(), **tf_stats)
     ref = ["--ref", str(tmp_path / "ref.npz"), "--ref-num", "12", "--cache-dir", str(tmp_path / "refstats")]
     assert main(["eval", "--samples", str(samples), *ref, "--metrics", "fid", "--num", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["fid"] > 0
@@ -136,3 +138,53 @@ def test_a_corrupt_or_foreign_shard_is_named_in_one_line(folder, tmp_path, capsy
     (out / "manifest.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(DataError, match="is not a vrpo-latents-1 manifest"):
         LatentShards(out)
+
+
+def test_a_latent_run_is_evaluated_decoded_and_its_targets_cached(folder, tmp_path, tiny_overrides, capsys):
+    """Training evaluations decode through the VAE and score against the folder's stored crops; RA and
+    the run's representation metrics read a second (held-out) latent folder; a feature cache built
+    from the stored crops gives the loss the encoder on the fly gives; a wrong data.resolution is named."""
+    from vrpo.config import load_config
+    from vrpo.encoders.cache import FeatureCache, build_feature_caches
+    from vrpo.objectives import build_objective
+    from vrpo.train import train
+    from vrpo.train.loop import make_batch
+
+    out, held_out = tmp_path / "shards", tmp_path / "held-out"
+    assert prepare(folder, out) == 0 and prepare(folder, held_out, "--shard-size", "4") == 0
+    sets = [*tiny_overrides, "data.name=latents", f"data.root={out}", "data.limit=0", "data.resolution=8",
+            "model.arch=SiT-T/2", "train.batch_size=4", "train.max_steps=2", "train.sample_grid=0",
+            "objective.name=repa", "objective.encoders=[efficientnet-lite0]", "objective.encoder_input_size=32",
+            "objective.feature_cache=null", "objective.projector_width=16", "eval.every=2", "eval.num_samples=6",
+            "eval.ref_num=12", f"eval.cache_dir={tmp_path / 'refstats'}", "eval.ra_num=5",
+            f"eval.held_out={held_out}"]  # fmt: skip
+    train(load_config(None, sets), tmp_path / "run")
+    record = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 2 and record["fid"] > 0 and -1 <= record["ra"] <= 1
+    assert main(["eval", "--run", str(tmp_path / "run"), "--metrics", "ra,cknna,probe", "--num", "12",
+                 "--timesteps", "0.5"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["dataset"] == "latents" and result["split"] == "held-out" and result["num"] == 12
+    assert -1 <= result["ra"] <= 1 and 0 <= result["probe"] <= 1 and result["cknna"] is not None
+    # the targets cached from the stored crops, read lazily: the same loss as encoding on the fly
+    cfg = load_config(None, [*sets, f"objective.feature_cache={tmp_path / 'features'}"])
+    data = LatentSet(out)
+    objective = build_objective(load_config(None, sets), (model := _model(cfg, data)), data)
+    build_feature_caches(objective.alignment.encoders, tmp_path / "features", lambda: data, progress=False)
+    cached = build_objective(cfg, model, data)
+    cached.load_state_dict(objective.state_dict())
+    assert isinstance(cached.alignment.caches[0], FeatureCache)
+    gen = torch.Generator().manual_seed(0)
+    batch = make_batch(data, torch.tensor([0, 5, 11]), "cpu", True, gen)
+    on_the_fly = objective.loss(model, batch, torch.Generator().manual_seed(1)).loss
+    from_cache = cached.loss(model, batch, torch.Generator().manual_seed(1)).loss
+    torch.testing.assert_close(on_the_fly, from_cache, rtol=1e-3, atol=1e-3)  # fp16 cache
+    with pytest.raises(DataError, match="latents are 8 px but data.resolution is 16"):
+        train(load_config(None, [*sets, "data.resolution=16"]), tmp_path / "wrong")
+
+
+def _model(cfg, data):
+    from vrpo.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(cfg.model.arch, data.resolution, data.channels, data.num_classes)

@@ -1,5 +1,6 @@
 """REPA and the shared alignment mechanism: loss formula, gradient reach, feature cache."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,4 +146,11 @@ def test_interrupted_cache_build_resumes(tmp_path):
     with pytest.raises(CacheMismatch, match="incomplete"):
         FeatureCache(tmp_path, encoder, data)
     build_cache(tmp_path, encoder, data, dtype="float16", shard_size=16, batch_size=8, progress=False)
-    assert FeatureCache(tmp_path, encoder, data).tokens.dtype == torch.float16
+    cache = FeatureCache(tmp_path, encoder, data)
+    assert cache.mapped.gather("tokens", [0, 20]).dtype == torch.float16  # stored as built, read lazily
+    assert all(isinstance(f["tokens"], np.memmap) for f in cache.mapped.files)
+    # a truncated shard is named, never read past its end
+    shard = tmp_path / "shard_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CacheMismatch, match="shard_00001.safetensors is damaged"):
+        FeatureCache(tmp_path, encoder, data)

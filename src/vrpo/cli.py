@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from vrpo.config import load_config, parse_override
-from vrpo.data import DataError, load_dataset
+from vrpo.data import DataError, load_dataset, pixel_resolution
 from vrpo.encoders.cache import CacheMismatch, build_feature_caches
 from vrpo.errors import ConfigError, EvalError, MissingExtra, PeerLost
 from vrpo.eval.plot import plot_runs
@@ -100,7 +100,7 @@ def _cache_features(args) -> int:
             "objective.feature_cache is not set: name the folder for the cache (--set objective.feature_cache=DIR)"
         )
     build_feature_caches(
-        options.build_encoders(cfg.data.resolution),
+        options.build_encoders(pixel_resolution(cfg.data)),
         options.cache_root(),
         lambda: load_dataset(cfg.data),
         log=print,
@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--run", type=Path, help="run folder: RA, CKNNA and linear probe on held-out images")
     p.add_argument(
         "--ref",
-        help="NAME:SPLIT (fashion-mnist:test, mnist:test, digits:test), an npz, an image folder, or a statistics file",
+        help="NAME:SPLIT (fashion-mnist:test, mnist:test, digits:test), an npz (ADM's reference batch), an image "
+        "folder, a latent folder (its stored crops) or a statistics file",
     )
     p.add_argument(
         "--metrics",

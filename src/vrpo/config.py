@@ -153,6 +153,7 @@ class EvalConfig:
     final_num_samples: int = 0  # 0: num_samples
     final_metrics: list[str] = field(default_factory=list)  # empty: metrics
     ra_num: int = 500  # held-out images for RA at t = 0.5 (alignment methods); 0: off
+    held_out: str = ""  # latent runs: a second prepared latent folder for RA (""; the run's own folder)
     cache_dir: str = "~/.cache/vrpo/refstats"
     seed: int = 0
     # samples per sampling batch (and per rank): with per-sample noise it sets the speed, not the samples

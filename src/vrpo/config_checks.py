@@ -92,8 +92,8 @@ def check_training(cfg: Config) -> None:
         "eval.final_num_samples must be 0 (= eval.num_samples) or >= 2",
     )
     need(
-        not (e.every and cfg.data.name in ("tensors", "latents")),
-        "eval.every needs pixel data: latent runs (data.name=tensors or latents) are not decoded during training yet",
+        not (e.every and cfg.data.name == "tensors"),
+        "eval.every needs pixels: data.name=tensors has no decoder (data.name=latents decodes through its VAE)",
     )
     o = cfg.optim
     need(len(o.betas) == 2, "optim.betas needs two values")
@@ -182,11 +182,6 @@ def check_family(cfg: Config) -> None:
     """The objective and the sampler against the model's family (flow or ddpm)."""
     s = cfg.sampler
     family, options = family_of(cfg.model.arch), cfg.objective
-    need(
-        not (cfg.data.name == "latents" and options.cache_root()),
-        "objective.feature_cache reads a whole in-memory set: a latent folder's targets are encoded on the fly "
-        "(objective.feature_cache=null)",
-    )
     need(
         family in options.families,
         f"objective '{options.name}' does not train the {family} family of model.arch "

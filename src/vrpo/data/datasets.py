@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vrpo.utils.images import to_model_space
+
 
 class DataError(RuntimeError):
     """Missing or malformed data, phrased as one line that says where we looked."""
@@ -47,10 +49,24 @@ class ImageSet:
     def resolution(self) -> int:
         return self.images.shape[-1]
 
+    @property
+    def pixel_resolution(self) -> int:
+        """The side of the images the encoders see (the latents' side for pre-encoded tensors)."""
+        return self.resolution
+
     def batch_rows(self, index: torch.Tensor, generator: torch.Generator | None = None):
         """(float latents or None, uint8 pixels or None) of these rows."""
         rows = self.images[index]
         return (rows.float(), None) if self.is_latent else (None, rows)
+
+    def pixels(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The uint8 images of these rows (all when None), for encoders and reference statistics."""
+        if self.is_latent:
+            raise DataError(f"{self.name} holds latents without their images: encoders and FID need pixels")
+        return self.images if index is None else self.images[index]
+
+    def subset(self, index: torch.Tensor, name: str) -> ImageSet:
+        return ImageSet(self.images[index], self.labels[index], self.num_classes, name)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -259,23 +275,46 @@ def load_split(name: str, split: str = "train", root: str | None = None, resolut
     return data
 
 
-def balanced_subset(data: ImageSet, limit: int, seed: int) -> ImageSet:
-    """``limit`` images with classes as equal as possible, chosen by a seeded permutation."""
-    if limit <= 0 or limit >= len(data):
-        return data
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    per_class = [0] * data.num_classes
-    quota = -(-limit // data.num_classes)
+def balanced_indices(labels: torch.Tensor, num_classes: int, limit: int, seed: int) -> torch.Tensor:
+    """``limit`` row indices (sorted) with classes as equal as possible, chosen by a seeded permutation."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    per_class = [0] * num_classes
+    quota = -(-limit // num_classes)
     chosen = []
     for i in order.tolist():
-        c = int(data.labels[i])
+        c = int(labels[i])
         if per_class[c] < quota:
             per_class[c] += 1
             chosen.append(i)
             if len(chosen) == limit:
                 break
-    index = torch.tensor(sorted(chosen))
-    return ImageSet(data.images[index], data.labels[index], data.num_classes, f"{data.name}[{limit}@{seed}]")
+    return torch.tensor(sorted(chosen))
+
+
+def balanced_subset(data, limit: int, seed: int):
+    """``limit`` rows of ``data`` (an ImageSet or a latent folder) with classes as equal as possible."""
+    if limit <= 0 or limit >= len(data):
+        return data
+    index = balanced_indices(data.labels, data.num_classes, limit, seed)
+    return data.subset(index, f"{data.name}[{limit}@{seed}]")
+
+
+def model_inputs(data, index: torch.Tensor, device, generator: torch.Generator | None = None):
+    """(model-space inputs, uint8 pixels or None) of these rows on ``device``: pixels in [-1, 1], or a
+    latent folder's posterior draw (its mean when ``generator`` is None)."""
+    latents, pixels = data.batch_rows(index, generator)
+    pixels = None if pixels is None else pixels.to(device)
+    x = to_model_space(pixels) if latents is None else latents.to(device, torch.float32)
+    return x, pixels
+
+
+def pixel_resolution(cfg) -> int:
+    """The side of the images a ``DataConfig``'s encoders see: a latent folder's stored crops, else data.resolution."""
+    if cfg.name == "latents" and cfg.root:
+        from vrpo.data.latents import manifest_of
+
+        return int(manifest_of(cfg.root)["resolution"])
+    return cfg.resolution
 
 
 def load_dataset(cfg) -> ImageSet:
@@ -283,6 +322,7 @@ def load_dataset(cfg) -> ImageSet:
     data = load_split(cfg.name, cfg.split, cfg.root, cfg.resolution)
     if cfg.name == "latents" and cfg.limit:
         raise DataError("data.limit subsets in-memory sets; a latent folder is read whole (prepare a smaller one)")
-    if not data.is_latent and data.resolution != cfg.resolution:
-        raise DataError(f"{data.name} images are {data.resolution} px but data.resolution is {cfg.resolution}")
+    if data.resolution != cfg.resolution:
+        what = "latents are" if data.is_latent else "images are"
+        raise DataError(f"{data.name} {what} {data.resolution} px but data.resolution is {cfg.resolution}")
     return balanced_subset(data, cfg.limit, cfg.data_seed)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from vrpo.data.datasets import DataError, class_folder_images, read_crops
 from vrpo.errors import MissingExtra
 from vrpo.utils.files import replacing
+from vrpo.utils.mapped import MappedFileError, MappedShards
 
 FORMAT = "vrpo-latents-1"
 KEYS = ("mean", "std", "images", "labels")
@@ -47,7 +48,8 @@ def load_vae(source: str, device: str = "cpu"):
         from diffusers import AutoencoderKL
     except ImportError:
         raise MissingExtra("latent runs need diffusers (the VAE): pip install -e .[imagenet]") from None
-    return AutoencoderKL.from_pretrained(source).to(device).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False)  # without `accelerate`: no warning
+    return vae.to(device).eval().requires_grad_(False)
 
 
 class CropBatches(torch.utils.data.Dataset):
@@ -128,77 +130,102 @@ def prepare_latents(images: str | Path, out: str | Path, vae: str = "stabilityai
     return manifest
 
 
+def manifest_of(root: str | Path) -> dict:
+    """The manifest of a latent folder, checked to be one."""
+    path = Path(root) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"latent folder {root}: no readable manifest.json ({err})") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path} is not a {FORMAT} manifest (format {manifest.get('format')!r})")
+    return manifest
+
+
+def is_latent_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder ``vrpo prepare-latents`` wrote (its manifest says so)."""
+    manifest = Path(path) / "manifest.json"
+    try:
+        return manifest.is_file() and json.loads(manifest.read_text()).get("format") == FORMAT
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 class LatentShards:
     """The rows of a latent folder, read on demand: ``[index]`` gives ``(mean, std, images, labels)``."""
 
     def __init__(self, root: str | Path):
-        from safetensors import SafetensorError, safe_open
-
         self.root = Path(root)
-        path = self.root / "manifest.json"
+        self.manifest = manifest_of(root)
+        entries = self.manifest["shards"]
+        paths = [self.root / entry["file"] for entry in entries]
+        for path in paths:
+            if not path.is_file():
+                raise DataError(f"shard {path} is missing, corrupt or foreign: not found")
         try:
-            self.manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise DataError(f"latent folder {root}: no readable manifest.json ({err})") from None
-        if self.manifest.get("format") != FORMAT:
-            raise DataError(f"{path} is not a {FORMAT} manifest (format {self.manifest.get('format')!r})")
-        self.files, self.offsets, total = [], [], 0
-        for entry in self.manifest["shards"]:
-            shard = self.root / entry["file"]
-            try:
-                handle = safe_open(str(shard), framework="pt")
-                shapes = {key: handle.get_slice(key).get_shape() for key in KEYS}
-            except (SafetensorError, OSError, KeyError) as err:
-                raise DataError(f"shard {shard} is missing, corrupt or foreign: {err}") from None
-            if any(shape[0] != entry["count"] for shape in shapes.values()):
-                raise DataError(f"shard {shard} holds {shapes['labels'][0]} rows, its manifest says {entry['count']}")
-            self.files.append(handle)
-            self.offsets.append(total)
-            total += entry["count"]
-        if total != self.manifest["count"]:
+            self.mapped = MappedShards(paths, KEYS)
+        except MappedFileError as err:
+            raise DataError(f"shard {err.path} is missing, corrupt or foreign: {err.detail}") from None
+        for path, entry, count in zip(paths, entries, self.mapped.counts):
+            if count != entry["count"]:
+                raise DataError(f"shard {path} holds {count} rows, its manifest says {entry['count']}")
+        if len(self.mapped) != self.manifest["count"]:
             raise DataError(
-                f"latent folder {root}: shards hold {total} rows, the manifest says {self.manifest['count']}"
+                f"latent folder {root}: shards hold {len(self.mapped)} rows, the manifest says {self.manifest['count']}"
             )
-        self.latent_shape = tuple(shapes["mean"][1:])
-        self.image_shape = tuple(shapes["images"][1:])
-        self.labels = torch.cat([handle.get_tensor("labels") for handle in self.files])
+        first = self.mapped.files[0]
+        self.latent_shape = tuple(first["mean"].shape[1:])
+        self.image_shape = tuple(first["images"].shape[1:])
+        self.labels = self.mapped.gather("labels", np.arange(len(self.mapped))).long()
 
     def __len__(self) -> int:
         return int(self.manifest["count"])
 
-    def rows(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``mean``, ``std`` (float32) and ``images`` (uint8) of these rows, in this order."""
-        shard = np.searchsorted(self.offsets, index.numpy(), side="right") - 1
-        out = {key: [] for key in ("mean", "std", "images")}
-        for i, s in zip(index.tolist(), shard.tolist()):
-            row = i - self.offsets[s]
-            for key in out:
-                out[key].append(self.files[s].get_slice(key)[row : row + 1])
-        return {key: torch.cat(value).float() if key != "images" else torch.cat(value) for key, value in out.items()}
+    def rows(self, index: torch.Tensor, keys: tuple[str, ...] = ("mean", "std", "images")) -> dict[str, torch.Tensor]:
+        """``mean``, ``std`` (float32) and ``images`` (uint8) of these rows, read through the memory map."""
+        return {key: self.mapped.gather(key, index) if key == "images" else self.mapped.gather(key, index).float()
+                for key in keys}  # fmt: skip
 
 
 class LatentSet:
-    """A latent folder as the training set: the loop's ``batch_rows`` draws posterior samples."""
+    """A latent folder (or some of its rows) as a data set: ``batch_rows`` draws posterior samples."""
 
     is_latent = True
 
-    def __init__(self, root: str | Path):
-        self.shards = LatentShards(root)
-        self.labels = self.shards.labels
-        self.num_classes = len(self.shards.manifest["classes"])
-        self.scale = self.shards.manifest["scaling_factor"]
-        self.name = f"latents:{Path(root).name}"
-        self.channels, self.resolution = self.shards.latent_shape[0], self.shards.latent_shape[-1]
-        self.fingerprint = json.dumps(self.shards.manifest, sort_keys=True)  # its VAE, crops and shards
+    def __init__(self, root: str | Path, rows: torch.Tensor | None = None, name: str | None = None):
+        self.shards = shards = root if isinstance(root, LatentShards) else LatentShards(root)
+        self.rows = rows  # indices into the folder; None: every row
+        self.labels = shards.labels if rows is None else shards.labels[rows]
+        self.num_classes = len(shards.manifest["classes"])
+        self.scale = shards.manifest["scaling_factor"]
+        self.name = name or f"latents:{shards.root.name}"
+        self.channels, self.resolution = shards.latent_shape[0], shards.latent_shape[-1]
+        self.pixel_resolution = shards.image_shape[-1]
+        self.fingerprint = json.dumps(shards.manifest, sort_keys=True)  # its VAE, crops and shards
+        if rows is not None:
+            self.fingerprint += hashlib.sha256(rows.numpy().astype(np.int64).tobytes()).hexdigest()[:16]
 
     def __len__(self) -> int:
-        return len(self.shards)
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor, name: str) -> LatentSet:
+        return LatentSet(self.shards, index if self.rows is None else self.rows[index], name)
+
+    def _folder_rows(self, index: torch.Tensor, *keys: str) -> dict[str, torch.Tensor]:
+        return self.shards.rows(index if self.rows is None else self.rows[index], *([keys] if keys else []))
 
     def batch_rows(self, index: torch.Tensor, generator: torch.Generator | None):
-        """(scale * (mean + std * eps), the stored uint8 images), eps from ``generator``."""
-        rows = self.shards.rows(index)
+        """(scale * (mean + std * eps), the stored uint8 images), eps from ``generator``; without a
+        generator the posterior mean (evaluations)."""
+        rows = self._folder_rows(index)
+        if generator is None:
+            return self.scale * rows["mean"], rows["images"]
         eps = torch.randn(rows["mean"].shape, generator=generator)
         return self.scale * (rows["mean"] + rows["std"] * eps), rows["images"]
+
+    def pixels(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored ADM crops (uint8) of these rows (all when None)."""
+        return self._folder_rows(torch.arange(len(self)) if index is None else index, "images")["images"]
 
 
 _DECODERS: dict[tuple[str, str], tuple] = {}

@@ -1,4 +1,5 @@
-"""A feature cache: an encoder's tokens and global vectors for a whole dataset, computed once.
+"""A feature cache: an encoder's tokens and global vectors for a whole dataset, computed once and
+read lazily (memory-mapped rows), so it may be larger than memory.
 
 Layout of one cache folder (one per encoder setting):
     manifest.json              encoder identity (name, weights hash, preprocessing, grid),
@@ -17,10 +18,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from vrpo.utils.files import replacing
+from vrpo.utils.mapped import MappedFileError, MappedShards
 
 MANIFEST = "manifest.json"
 
@@ -34,10 +36,10 @@ def cache_slug(encoder) -> str:
     return f"{encoder.name}-{encoder.preprocessing['resize']['size'][0]}"
 
 
-def expected_manifest(encoder, data, image_hw: tuple[int, int], dtype: str, shard_size: int) -> dict:
+def expected_manifest(encoder, data, dtype: str, shard_size: int) -> dict:
     return {
         "encoder": encoder.describe(),
-        "grid": list(encoder.grid_for(image_hw)),
+        "grid": list(encoder.grid_for((data.pixel_resolution, data.pixel_resolution))),
         "dataset": {"name": data.name, "fingerprint": data.fingerprint, "num_images": len(data)},
         "dtype": dtype,
         "shard_size": shard_size,
@@ -69,12 +71,11 @@ def build_cache(
     batch_size: int = 64,
     progress: bool = True,
 ) -> Path:
-    """Encode every image of ``data`` into ``folder`` (resuming a partial build)."""
-    if data.is_latent:
-        raise CacheMismatch(f"{data.name} holds latents, not pixels: encoder features need the images")
+    """Encode every image of ``data`` (pixels, or a latent folder's stored crops) into ``folder``
+    (resuming a partial build)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = expected_manifest(encoder, data, tuple(data.images.shape[-2:]), dtype, shard_size)
+    manifest = expected_manifest(encoder, data, dtype, shard_size)
     path = folder / MANIFEST
     if path.exists():
         old = json.loads(path.read_text())
@@ -92,7 +93,7 @@ def build_cache(
             continue
         tokens, globals_ = [], []
         for b in range(start, min(start + shard_size, len(data)), batch_size):
-            out = encoder(data.images[b : min(b + batch_size, start + shard_size, len(data))])
+            out = encoder(data.pixels(torch.arange(b, min(b + batch_size, start + shard_size, len(data)))))
             tokens.append(out.tokens.to("cpu", torch_dtype))
             globals_.append(out.global_.to("cpu", torch_dtype))
         with replacing(shard) as tmp:
@@ -122,7 +123,7 @@ def build_feature_caches(
         start = time.perf_counter()
         build_cache(folder, encoder, data, **build_options)
         info = {"encoder": encoder.name, "folder": str(folder), "images": len(data),
-                "grid": list(encoder.grid_for(tuple(data.images.shape[-2:]))),
+                "grid": list(encoder.grid_for((data.pixel_resolution, data.pixel_resolution))),
                 "mib": sum(p.stat().st_size for p in folder.iterdir()) / 2**20,
                 "build_s": time.perf_counter() - start}  # fmt: skip
         built.append(info)
@@ -133,7 +134,7 @@ def build_feature_caches(
 
 
 class FeatureCache:
-    """A verified cache held in memory; ``lookup(index)`` returns float32 tokens and globals."""
+    """A verified cache, read through a memory map: ``lookup(index)`` reads only those rows."""
 
     def __init__(self, folder: Path, encoder, data):
         folder = Path(folder)
@@ -141,9 +142,7 @@ class FeatureCache:
         if not path.is_file():
             raise CacheMismatch(f"no feature cache at {folder}: build it with `vrpo cache-features --config CONFIG`")
         manifest = json.loads(path.read_text())
-        expected = expected_manifest(
-            encoder, data, tuple(data.images.shape[-2:]), manifest.get("dtype", "?"), manifest.get("shard_size", 0)
-        )
+        expected = expected_manifest(encoder, data, manifest.get("dtype", "?"), manifest.get("shard_size", 0))
         diff = _differences(_identity(manifest), _identity(expected))
         if diff:
             raise CacheMismatch(
@@ -152,16 +151,16 @@ class FeatureCache:
             )
         if not manifest.get("complete"):
             raise CacheMismatch(f"feature cache {folder} is incomplete: rerun `vrpo cache-features` to finish it")
-        shards = [
-            load_file(str(folder / f"shard_{k:05d}.safetensors"))
-            for k in range(-(-len(data) // manifest["shard_size"]))
-        ]
-        self.tokens = torch.cat([s["tokens"] for s in shards])
-        self.global_ = torch.cat([s["global"] for s in shards])
+        shards = [folder / f"shard_{k:05d}.safetensors" for k in range(-(-len(data) // manifest["shard_size"]))]
+        try:
+            self.mapped = MappedShards(shards, ("tokens", "global"))
+        except MappedFileError as err:
+            raise CacheMismatch(f"feature cache shard {err.path} is damaged ({err.detail}): rebuild it") from None
         self.grid = tuple(manifest["grid"])
-        if self.tokens.shape[0] != len(data):
-            raise CacheMismatch(f"feature cache {folder} holds {self.tokens.shape[0]} images, the dataset {len(data)}")
+        if len(self.mapped) != len(data):
+            raise CacheMismatch(f"feature cache {folder} holds {len(self.mapped)} images, the dataset {len(data)}")
 
     def lookup(self, index: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         index = index.cpu()
-        return self.tokens[index].to(device, torch.float32), self.global_[index].to(device, torch.float32)
+        tokens, global_ = (self.mapped.gather(key, index) for key in ("tokens", "global"))
+        return tokens.to(device, torch.float32), global_.to(device, torch.float32)

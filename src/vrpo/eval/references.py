@@ -19,6 +19,7 @@ from PIL import Image
 
 from vrpo.data import ImageSet, balanced_subset, load_split
 from vrpo.data.datasets import IMAGE_SUFFIXES
+from vrpo.data.latents import LatentSet, is_latent_folder
 from vrpo.errors import EvalError
 from vrpo.eval.frechet import feature_statistics
 from vrpo.eval.refstats import FINGERPRINT_KEY, dataset_fingerprint, load_reference_stats, save_reference_stats
@@ -131,14 +132,18 @@ def _stored_fingerprint(path: Path) -> dict | None:
 
 
 def load_reference(ref: PathLike, num: int = DEFAULT_REF_NUM, data_root: str | None = None) -> Reference:
-    """A dataset split ``NAME:SPLIT``, an ADM npz, an image folder, or a statistics file written here."""
+    """A dataset split ``NAME:SPLIT``, an ADM npz, an image folder, a latent folder (its stored crops), or a
+    statistics file written here."""
     path = Path(ref).expanduser()
     if path.exists():
         if path.is_file() and (stored := _stored_fingerprint(path)) is not None:
             return Reference(str(ref), path.stem, None, path, stored)
-        images = read_images(path)
         # The path's hash keeps same-named references apart in one cache folder.
         slug = f"{path.stem}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
+        if is_latent_folder(path):  # its stored crops, class-balanced, read lazily
+            data = balanced_subset(LatentSet(path), num, seed=0)
+            return Reference(str(ref), f"{slug}-n{len(data)}", data.pixels())
+        images = read_images(path)
         data = ImageSet(images, torch.zeros(len(images), dtype=torch.long), 1, str(path))
     else:
         name, _, split = str(ref).partition(":")

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vrpo.data import balanced_subset, keyed_generator, load_split
+from vrpo.data import balanced_subset, keyed_generator, load_split, model_inputs
 from vrpo.errors import EvalError
 from vrpo.eval.alignment import cknna, linear_probe_accuracy
 from vrpo.eval.references import FeatureExtractor
@@ -20,7 +20,6 @@ from vrpo.eval.sample_metrics import FD_ENCODER_INPUT_SIZE, encoder_extractor, f
 from vrpo.objectives import Batch, build_objective
 from vrpo.objectives.alignment import default_encoder_depth
 from vrpo.runs import latest_checkpoint, load_run_model
-from vrpo.utils.images import to_model_space
 from vrpo.utils.types import PathLike
 
 RUN_METRICS = ("ra", "cknna", "probe")
@@ -31,14 +30,15 @@ CKNNA_K = 10
 def block_states(
     model,
     noising,
-    images: torch.Tensor,
+    data,
     timesteps: Sequence[float],
     depth: int,
     align=None,
     seed: int = 0,
     batch_size: int = 64,
 ) -> tuple[dict, dict]:
-    """Mean-pooled block-``depth`` states per timestep [N, D], and RA per timestep when ``align`` is given.
+    """Mean-pooled block-``depth`` states per timestep [N, D] of the rows of ``data`` (pixels, or a latent
+    folder's posterior means), and RA per timestep when ``align`` is given.
 
     ``noising`` is the run's forward process (its objective's); ``t`` is the fraction of the way
     from data to noise. Labels are the null class: class labels in the input would make the
@@ -48,9 +48,9 @@ def block_states(
     device = next(model.parameters()).device
     pooled: dict[float, list] = {t: [] for t in timesteps}
     cosines: dict[float, list] = {t: [] for t in timesteps}
-    for start in range(0, len(images), batch_size):
-        pixels = images[start : start + batch_size].to(device)
-        x = to_model_space(pixels)
+    for start in range(0, len(data), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(data)))
+        x, pixels = model_inputs(data, index, device)
         if model.representation_channels:  # ReDi's channels absent (zero), as its dropout trains them
             x = torch.cat([x, x.new_zeros(x.shape[0], model.representation_channels, *x.shape[2:])], dim=1)
         generator = keyed_generator(seed, start)
@@ -60,9 +60,7 @@ def block_states(
         if model.global_token_dim:
             token = torch.randn((x.shape[0], model.global_token_dim), generator=generator).to(device)
         # Targets do not depend on t: encode once per batch.
-        targets = (
-            align.targets(Batch(x, None, pixels, torch.arange(start, start + len(x)))) if align is not None else None
-        )
+        targets = align.targets(Batch(x, None, pixels, index)) if align is not None else None
         for t in timesteps:
             times = noising.fixed_times(t, x.shape[0], device)
             x_t = noising.add_noise(x, noise, times)
@@ -76,6 +74,20 @@ def block_states(
     features = {t: torch.cat(v) for t, v in pooled.items()}
     ra = {t: torch.cat(v).mean().item() for t, v in cosines.items() if v}
     return features, ra
+
+
+def evaluation_sources(cfg, dataset: str | None, split: str) -> tuple[str, str, str | None, str | None]:
+    """(name, split, root of the measured split, root of the probe's train split) of a run's evaluation.
+    A latent folder has no splits: ``dataset`` or ``eval.held_out`` names a second prepared folder
+    (e.g. ImageNet's validation images); without one the run's own folder is measured."""
+    if cfg.data.name == "tensors":
+        raise EvalError("representation metrics need pixel images: data.name=tensors holds latents without them")
+    if cfg.data.name == "latents":
+        held_out = dataset or cfg.eval.held_out or cfg.data.root
+        return "latents", "held-out" if held_out != cfg.data.root else "train", held_out, cfg.data.root
+    name, _, other_split = (dataset or cfg.data.name).partition(":")
+    root = cfg.data.root if name == cfg.data.name else None  # a user's copy elsewhere: $VRPO_DATA_ROOT
+    return name, other_split or split, root, root
 
 
 def evaluate_representations(
@@ -109,17 +121,11 @@ def evaluate_representations(
     if any(not 0.0 <= t <= 1.0 for t in timesteps) or not timesteps:
         raise EvalError(f"timesteps must lie in [0, 1], got {list(timesteps)}")
     cfg, model, step = load_run_model(run_dir, which, device)
-    if cfg.data.name in ("tensors", "latents"):
-        raise EvalError(
-            f"representation metrics need pixel images; this run trains on latents (data.name={cfg.data.name})"
-        )
-    name, _, other_split = (dataset or cfg.data.name).partition(":")
-    split = other_split or split
-    root = cfg.data.root if name == cfg.data.name else None  # a user's copy elsewhere: $VRPO_DATA_ROOT
+    name, split, root, train_root = evaluation_sources(cfg, dataset, split)
     held_out = balanced_subset(load_split(name, split, root, cfg.data.resolution), num, seed)
-    if held_out.images.shape[1] != model.image_channels:
+    if held_out.channels != model.image_channels:
         raise EvalError(
-            f"{name}:{split} has {held_out.images.shape[1]} channel(s), the run's model takes {model.image_channels}"
+            f"{name}:{split} has {held_out.channels} channel(s), the run's model takes {model.image_channels}"
         )
     cfg = replace(cfg, objective=cfg.objective.without_feature_cache())  # held-out images are not in the training cache
     objective = build_objective(cfg, model, held_out).to(device)
@@ -147,7 +153,7 @@ def evaluate_representations(
     }
     need_ra = "ra" in metrics and align is not None
     features, ra = block_states(
-        model, objective.noising, held_out.images, timesteps, depth, align if need_ra else None, seed, batch_size
+        model, objective.noising, held_out, timesteps, depth, align if need_ra else None, seed, batch_size
     )
     if "ra" in metrics:
         if align is None:
@@ -163,15 +169,16 @@ def evaluate_representations(
             encoder = encoder or encoder_extractor(
                 encoder_weights, encoder_name, encoder_input_size, device, batch_size
             )
-            targets = encoder.features(held_out.images)["global"]
+            targets = encoder.features(held_out.pixels())["global"]
             values = {t: cknna(features[t], targets, k=CKNNA_K) for t in timesteps}
             result["cknna_encoder"] = encoder.info.get("feature_extractor")
             result.update({f"cknna@{t:g}": finite_or_none(v) for t, v in values.items()})
             result["cknna"] = finite_or_none(float(np.mean(list(values.values()))))
         if "probe" in metrics:
-            train = balanced_subset(load_split(name, "train", root, cfg.data.resolution), probe_train or num, seed + 1)
+            train_set = load_split(name, "train", train_root, cfg.data.resolution)
+            train = balanced_subset(train_set, probe_train or num, seed + 1)
             train_features, _ = block_states(
-                model, objective.noising, train.images, timesteps, depth, None, seed + 1, batch_size
+                model, objective.noising, train, timesteps, depth, None, seed + 1, batch_size
             )
             values = {
                 t: linear_probe_accuracy(train_features[t], train.labels, features[t], held_out.labels)

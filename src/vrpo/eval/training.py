@@ -13,7 +13,7 @@ import torch
 from vrpo.data import balanced_subset, load_split
 from vrpo.errors import EvalError
 from vrpo.eval.references import DEFAULT_CACHE_DIR, DEFAULT_REF_NUM, FeatureExtractor
-from vrpo.eval.representations import block_states
+from vrpo.eval.representations import block_states, evaluation_sources
 from vrpo.eval.sample_metrics import describe_record, evaluate_samples, metrics_record
 from vrpo.runs import append_record
 from vrpo.sample import generate_images
@@ -22,8 +22,11 @@ from vrpo.utils.types import PathLike
 
 
 def run_reference(cfg) -> str:
-    """The reference a run's samples are scored against: eval.ref, or its dataset's test split."""
-    return cfg.eval.ref or f"{cfg.data.name}:test"
+    """The reference a run's samples are scored against: eval.ref, or its dataset's test split (a latent
+    folder's own stored crops: ImageNet papers score against training images, as ADM's batch holds)."""
+    if cfg.eval.ref:
+        return cfg.eval.ref
+    return str(cfg.data.root) if cfg.data.name == "latents" else f"{cfg.data.name}:test"
 
 
 def reference_root(cfg, ref: PathLike) -> str | None:
@@ -56,8 +59,8 @@ def evaluate_during_training(
     record (the others return {}). Pass the same ``extractors`` dict (e.g. ``{}``) every time:
     the Inception network built on the first call stays in it. Returns the appended record.
     """
-    if cfg.data.name in ("tensors", "latents"):
-        raise EvalError("sample metrics during training need pixels: latent runs are scored from vrpo sample's npz")
+    if cfg.data.name == "tensors":
+        raise EvalError("sample metrics during training need pixels: data.name=tensors has no decoder (use latents)")
     device = str(next(model_or_ema.parameters()).device)
     images = generate_images(model_or_ema, cfg, num, seed, batch_size, **sampler_overrides)
     if not is_main():
@@ -97,7 +100,7 @@ class TrainingEvaluator:
     def __init__(self, cfg, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.extractors: dict[str, FeatureExtractor] = {}  # loaded on the first evaluation
-        self.ra_images = None
+        self.ra_data = None
 
     @torch.no_grad()
     def evaluate(self, step: int, ema, objective, model) -> dict:
@@ -115,9 +118,10 @@ class TrainingEvaluator:
     def held_out_ra(self, ema, objective, model, t: float = 0.5) -> float:
         """RA (mean cosine of projected block-d states and encoder tokens) on held-out images at time t."""
         d, e = self.cfg.data, self.cfg.eval
-        if self.ra_images is None:
-            self.ra_images = balanced_subset(load_split(d.name, "test", d.root, d.resolution), e.ra_num, e.seed).images
+        if self.ra_data is None:
+            name, split, root, _ = evaluation_sources(self.cfg, None, "test")
+            self.ra_data = balanced_subset(load_split(name, split, root, d.resolution), e.ra_num, e.seed)
             self.ra_alignment = objective.alignment.on_the_fly(self.cfg, model)
         align = self.ra_alignment
-        _, ra = block_states(ema, objective.noising, self.ra_images, (t,), align.depth, align, e.seed)
+        _, ra = block_states(ema, objective.noising, self.ra_data, (t,), align.depth, align, e.seed)
         return ra[t]

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vrpo.data import pixel_resolution
 from vrpo.encoders import build_encoder, pool_tokens, resample_tokens
 from vrpo.encoders.cache import FeatureCache, cache_slug
 from vrpo.errors import ConfigError
@@ -122,10 +123,11 @@ class AlignmentTargets(nn.Module):
         self.depth = options.encoder_depth or default_encoder_depth(model.depth)
         # Encoders are frozen and large: kept out of the module tree so they are neither
         # checkpointed nor handed to the optimizer.
-        self.__dict__["encoders"] = build_alignment_encoders(options, cfg.data.resolution)
+        pixels = pixel_resolution(cfg.data)  # a latent run's encoders read the stored crops
+        self.__dict__["encoders"] = build_alignment_encoders(options, pixels)
         self.projectors = nn.ModuleList(build_projector(options, model, e.token_dim) for e in self.encoders)
         self.model_grid = (model.grid, model.grid)
-        image_hw = (cfg.data.resolution, cfg.data.resolution)
+        image_hw = (pixels, pixels)
         self.encoder_grids = [tuple(e.grid_for(image_hw)) for e in self.encoders]
         if options.token_grid == "pool_model":
             for e, grid in zip(self.encoders, self.encoder_grids):

@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from vrpo.data import load_dataset
+from vrpo.data import load_dataset, pixel_resolution
 from vrpo.encoders.cache import build_feature_caches
 from vrpo.errors import ConfigError
 from vrpo.eval.representations import evaluate_representations
@@ -34,9 +34,8 @@ def ensure_feature_cache(cfg) -> None:
     """Build the method's feature cache when the config names one that is missing or incomplete."""
     root = cfg.objective.cache_root()
     if root:
-        build_feature_caches(
-            cfg.objective.build_encoders(cfg.data.resolution), root, lambda: load_dataset(cfg.data), skip_complete=True
-        )
+        encoders = cfg.objective.build_encoders(pixel_resolution(cfg.data))
+        build_feature_caches(encoders, root, lambda: load_dataset(cfg.data), skip_complete=True)
 
 
 def run_study(spec: StudySpec, log=print, only_seeds=None, only_methods=None) -> Path:

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vrpo.config import Config, save_config
-from vrpo.data import ImageSet, batch_indices, data_position, load_dataset, step_generator
+from vrpo.data import ImageSet, batch_indices, data_position, load_dataset, model_inputs, step_generator
 from vrpo.errors import ConfigError, PeerLost
 from vrpo.eval.training import TrainingEvaluator
 from vrpo.models import DiffusionTransformer, build_model
@@ -41,7 +41,7 @@ from vrpo.train.logging import RunLogger
 from vrpo.train.stopping import StopRequest, TrainingStopped
 from vrpo.transport import generate
 from vrpo.utils.dist import all_reduce_mean, any_rank, barrier, init_distributed
-from vrpo.utils.images import save_grid, to_model_space, to_uint8
+from vrpo.utils.images import save_grid, to_uint8
 
 # Keys that may change when a run is resumed (with every sampler.* key): they do not affect the weights.
 RESUMABLE_CHANGES = {
@@ -146,10 +146,8 @@ class TrainStep(torch.nn.Module):
 
 def make_batch(data: ImageSet, index: torch.Tensor, device: torch.device, conditional: bool, generator=None) -> Batch:
     """The rows of ``index`` in model space; a latent folder's posterior draws come from ``generator``."""
-    latents, images = data.batch_rows(index, generator)
+    x, images = model_inputs(data, index, device, generator)
     labels = data.labels[index].to(device) if conditional else None
-    images = None if images is None else images.to(device)
-    x = to_model_space(images) if latents is None else latents.to(device, torch.float32)
     return Batch(x, labels, images, index)
 
 
