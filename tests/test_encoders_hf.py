@@ -51,6 +51,36 @@ def test_dinov2_through_transformers_equals_the_hand_written_vit(tmp_path, regis
     torch.testing.assert_close(out.global_, own.global_, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("registers", [0, 4])
+def test_a_torch_hub_checkpoint_converted_once_equals_the_hub_vit(tmp_path, registers, capsys):
+    """`vrpo convert-dinov2` on a hub-named .pth: hf:<dir> then gives the hub ViT's tokens and CLS to
+    1e-5 where no position interpolation is needed (transformers interpolates position embeddings
+    otherwise than torch.hub: see docs/encoders.md)."""
+    from vrpo.cli import main
+    from vrpo.encoders.dinov2 import DINOv2Config, DinoVisionTransformer
+
+    config = DINOv2Config(embed_dim=128, depth=2, num_heads=2, img_size=224, num_register_tokens=registers,
+                          **({"interpolate_offset": 0.0, "interpolate_antialias": True} if registers else {}))  # fmt: skip
+    torch.manual_seed(0)
+    vit = DinoVisionTransformer(config)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.copy_(torch.randn_like(p) * 0.05 + (1.0 if p.ndim == 1 and p.shape[0] == 128 else 0.0))
+    torch.save(vit.state_dict(), tmp_path / "hub.pth")
+    assert main(["convert-dinov2", str(tmp_path / "hub.pth"), "--out", str(tmp_path / "hf")]) == 0
+    assert "hf:" in capsys.readouterr().out
+    x = images(n=3, seed=1)
+    converted = build_encoder(f"hf:{tmp_path / 'hf'}", resolution=256)(x)
+    hub = DINOv2Encoder(weights=str(tmp_path / "hub.pth"), config=config, resolution=256)(x)
+    assert converted.tokens.shape == (3, 256, 128)
+    torch.testing.assert_close(converted.tokens, hub.tokens, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(converted.global_, hub.global_, rtol=1e-4, atol=1e-5)
+    # a file that is not a DINOv2 hub checkpoint is named in one line
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pth")
+    assert main(["convert-dinov2", str(tmp_path / "other.pth"), "--out", str(tmp_path / "x")]) == 1
+    assert "not a DINOv2 hub" in capsys.readouterr().err
+
+
 def test_clip_siglip_and_mae_towers(tmp_path):
     vit = dict(image_size=32, patch_size=8, **TINY_VIT)
     clip = write(tmp_path, "clip", transformers.CLIPVisionConfig(**vit), transformers.CLIPVisionModel)

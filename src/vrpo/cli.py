@@ -111,6 +111,17 @@ def _cache_features(args) -> int:
     return 0
 
 
+def _convert_dinov2(args) -> int:
+    from vrpo.encoders.dinov2_convert import convert_dinov2
+
+    try:
+        out = convert_dinov2(args.file, args.out, args.heads)
+    except ValueError as err:
+        raise ConfigError(f"{args.file}: {err}") from None
+    print(f"wrote {out} (transformers); use it as objective.encoders=[hf:{out}]")
+    return 0
+
+
 def _import_checkpoint(args) -> int:
     path = import_checkpoint(args.source, args.file, args.out, args.config, args.resolution, args.set)
     print(f"imported {args.file} ({args.source}) into {args.out}: {path.name}")
@@ -257,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=0, help="processes reading and cropping images (0: in the main one)")
     p.set_defaults(func=_prepare_latents)
+
+    p = sub.add_parser("convert-dinov2", help="a torch.hub DINOv2 .pth as a transformers directory (for hf:DIR)")
+    p.add_argument("file", type=Path, help="e.g. dinov2_vitb14_pretrain.pth or dinov2_vitb14_reg4_pretrain.pth")
+    p.add_argument("--out", required=True, type=Path, help="the new transformers directory")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default: width / 64, as published)")
+    p.set_defaults(func=_convert_dinov2)
 
     p = sub.add_parser("import-checkpoint", help="an official REPA, SiT or DiT checkpoint as a run folder")
     p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="the code that wrote the file")
