@@ -59,8 +59,9 @@ def test_a_torch_hub_checkpoint_converted_once_equals_the_hub_vit(tmp_path, regi
     from vrpo.cli import main
     from vrpo.encoders.dinov2 import DINOv2Config, DinoVisionTransformer
 
+    hub_interpolation = {"interpolate_offset": 0.0, "interpolate_antialias": True} if registers else {}
     config = DINOv2Config(embed_dim=128, depth=2, num_heads=2, img_size=224, num_register_tokens=registers,
-                          **({"interpolate_offset": 0.0, "interpolate_antialias": True} if registers else {}))  # fmt: skip
+                          **hub_interpolation)  # fmt: skip
     torch.manual_seed(0)
     vit = DinoVisionTransformer(config)
     with torch.no_grad():

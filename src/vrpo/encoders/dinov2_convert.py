@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from vrpo.errors import MissingExtra
@@ -94,6 +93,6 @@ def convert_dinov2(source: str | Path, out: str | Path, heads: int | None = None
     save_file({k: v.contiguous() for k, v in hub_to_hf_state_dict(sd).items()}, str(out / "model.safetensors"))
     _, info = model_cls.from_pretrained(out, output_loading_info=True, low_cpu_mem_usage=False)
     if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
-        raise ValueError(f"the converted weights do not fit transformers' model (missing "
-                         f"{sorted(info['missing_keys'])[:4]}, unexpected {sorted(info['unexpected_keys'])[:4]})")  # fmt: skip
+        missing, unexpected = sorted(info["missing_keys"])[:4], sorted(info["unexpected_keys"])[:4]
+        raise ValueError(f"the converted weights do not fit transformers' model (missing {missing}, unexpected {unexpected})")
     return out
