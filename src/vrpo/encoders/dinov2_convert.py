@@ -94,5 +94,5 @@ def convert_dinov2(source: str | Path, out: str | Path, heads: int | None = None
     _, info = model_cls.from_pretrained(out, output_loading_info=True, low_cpu_mem_usage=False)
     if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
         missing, unexpected = sorted(info["missing_keys"])[:4], sorted(info["unexpected_keys"])[:4]
-        raise ValueError(f"the converted weights do not fit transformers' model (missing {missing}, unexpected {unexpected})")
+        raise ValueError(f"the converted weights do not fit: missing {missing}, unexpected {unexpected}")
     return out
