@@ -50,6 +50,7 @@ def _sample(args) -> int:
         method=args.sampler,
         steps=args.steps,
         cfg_scale=args.cfg,
+        dist_timeout_s=args.dist_timeout,
         **dict(parse_override(text.removeprefix("sampler.")) for text in args.set),
     )
     if is_main():
@@ -77,7 +78,7 @@ def _prepare_latents(args) -> int:
     from vrpo.data.latents import prepare_latents
     from vrpo.utils.dist import init_distributed
 
-    device = init_distributed(args.device)[2]
+    device = init_distributed(args.device, args.dist_timeout)[2]
     start = time.perf_counter()
     manifest = prepare_latents(args.images, args.out, args.vae, args.resolution, args.labels, args.shard_size,
                                args.batch_size, str(device), args.workers)  # fmt: skip
@@ -236,7 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--dist-timeout", type=float, default=86400.0,
+                   help="torchrun: seconds a rank waits at the final barrier for the others (a resumed rank may "
+                   "have much less left)")  # fmt: skip
     p.set_defaults(func=_sample)
+
     p = sub.add_parser("submit", help="train as a SLURM job through submitit (one task per GPU, requeued)")
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True, type=Path)
@@ -267,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=0, help="processes reading and cropping images (0: in the main one)")
+    p.add_argument("--dist-timeout", type=float, default=86400.0,
+                   help="torchrun: seconds a rank waits at the final barrier for the others (a resumed rank may "
+                   "have much less left)")  # fmt: skip
     p.set_defaults(func=_prepare_latents)
 
     p = sub.add_parser("convert-dinov2", help="a torch.hub DINOv2 .pth as a transformers directory (for hf:DIR)")

@@ -77,10 +77,13 @@ def sample_run(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    dist_timeout_s: float = 86400.0,
     **sampler_overrides,
 ) -> Path:
-    """``num`` samples of a run into an npz at ``out``; under torchrun each rank samples its share."""
-    device = init_distributed(device)[2]
+    """``num`` samples of a run into an npz at ``out``; under torchrun each rank samples its share.
+    The final barrier waits up to ``dist_timeout_s``: a resumed rank with fewer parts left waits
+    for the others, possibly for hours."""
+    device = init_distributed(device, dist_timeout_s)[2]
     cfg, model, step = load_run_model(run_dir, device=str(device))
     cfg = with_sampler(cfg, **sampler_overrides)  # refused in one line if they cannot sample this run
     sampler_overrides = {}
