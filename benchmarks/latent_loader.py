@@ -2,7 +2,7 @@
 
 Writes a synthetic folder in the layout of ``vrpo prepare-latents`` (random fp16 mean and std
 [N, 4, 32, 32], uint8 images [N, 3, 256, 256], as ImageNet-256's), unless ``--root`` names a
-real one, then times ``batch_rows`` (the reads through safetensors' memory map and the posterior
+real one, then times ``batch_rows`` (row gathers from the memory-mapped shards and the posterior
 draw) on step-keyed random batches. The first rounds warm the page cache; the figure is the median
 of the rest. Prints one JSON object with the images/s. Example:
     python benchmarks/latent_loader.py --count 4096 --batch 256 --rounds 8
