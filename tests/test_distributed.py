@@ -182,3 +182,55 @@ def test_submitit_launcher_runs_the_same_two_rank_training(tmp_path, tiny_overri
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5, msg=key)
     logs = sorted((tmp_path / "job" / "slurm").glob("*_log.out"))
     assert len(logs) == 2 and sum("done: 3 steps" in p.read_text() for p in logs) == 1  # two ranks, rank 0 reports
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_fsdp2_equals_one_process_and_its_sharded_checkpoints_load_either_way(tmp_path, tiny_overrides):
+    """REPA under FSDP2 on 2 gloo ranks (network and EMA sharded, projectors replicated) equals one
+    process accumulating the same batch, evaluation included; its sharded (DCP) checkpoint resumes in
+    one process, and one process's checkpoint resumes under FSDP2, each to the same weights."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from vrpo.runs.checkpoint import latest_checkpoint
+
+    config = str(ROOT / "configs/fmnist/repa-t2.yaml")
+    steps = [*tiny_overrides, *ALIGN, "train.max_steps=4", "train.ckpt_every=2", "train.label_dropout=0.0",
+             "train.ema_heads=true", "eval.every=4", "eval.num_samples=6", "eval.ref=digits:test", "eval.ref_num=16",
+             "eval.ra_num=8", "eval.metrics=[fd_encoder]", f"eval.cache_dir={tmp_path / 'refstats'}"]  # fmt: skip
+    fsdp = [*steps, "train.parallel=fsdp"]
+
+    def torchrun(out: Path, sets: list[str]) -> None:
+        args = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "vrpo.cli", "train", "--config", config,
+                "--out", str(out), *(a for item in sets for a in ("--set", item))]  # fmt: skip
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    def same(a: Path, b: Path) -> None:
+        first, second = latest_checkpoint(a), latest_checkpoint(b)
+        assert first.step == second.step == 4
+        for part in ("model", "ema", "objective", "optimizer", "ema_heads"):
+            x, y = first.tensors[part], second.tensors[part]
+            assert x.keys() == y.keys(), part
+            for key in x:
+                torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-6, msg=f"{part}.{key}")
+
+    torchrun(tmp_path / "fsdp", fsdp)
+    assert (step_dirs(tmp_path / "fsdp")[0] / "dcp").is_dir()  # written sharded
+    train(load_config(config, [*steps, "train.grad_accum=2"]), tmp_path / "single")
+    same(tmp_path / "fsdp", tmp_path / "single")
+    (record,), (single_record,) = (
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("fsdp", "single")
+    )  # the evaluation sampled a whole copy of the sharded EMA
+    assert record["fd_efficientnet"] == pytest.approx(single_record["fd_efficientnet"], rel=1e-4)
+    assert record["ra"] == pytest.approx(single_record["ra"], abs=1e-5)
+    for source, resumed in (("fsdp", "single-from-fsdp"), ("single", "fsdp-from-single")):
+        shutil.copytree(tmp_path / source, tmp_path / resumed)
+        shutil.rmtree(step_dirs(tmp_path / resumed)[0])  # back to step 2
+        (tmp_path / resumed / "metrics.jsonl").unlink()
+    train(load_config(config, [*steps, "train.grad_accum=2"]), tmp_path / "single-from-fsdp")
+    torchrun(tmp_path / "fsdp-from-single", fsdp)
+    same(tmp_path / "single-from-fsdp", tmp_path / "single")
+    same(tmp_path / "fsdp-from-single", tmp_path / "fsdp")

@@ -136,6 +136,8 @@ class TrainConfig:
     activation_checkpointing: bool = False  # blocks recompute their activations in backward (less memory)
     compile: bool = False  # torch.compile each transformer block of the trained network
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no code generation)
+    parallel: str = "ddp"  # ddp, or fsdp: FSDP2 shards the network and its EMA (checkpoints sharded)
+    fsdp_precision: str = "fp32"  # fsdp: fp32, or bf16 parameters in forward and backward (fp32 reductions)
     tensorboard: bool = True
     progress: bool = True
 

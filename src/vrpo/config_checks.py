@@ -82,6 +82,8 @@ def check_training(cfg: Config) -> None:
     need(0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
     need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
     need(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    need(t.parallel in ("ddp", "fsdp"), f"train.parallel must be ddp or fsdp, got {t.parallel!r}")
+    need(t.fsdp_precision in ("fp32", "bf16"), f"train.fsdp_precision must be fp32 or bf16, got {t.fsdp_precision!r}")
     e = cfg.eval
     need(
         e.every >= 0 and e.num_samples >= 2 and e.ra_num >= 0 and e.batch_size >= 1,

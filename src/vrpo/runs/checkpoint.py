@@ -4,6 +4,11 @@ Layout: ``RUN/checkpoints/step_00000040/`` with ``model``, ``ema``, ``objective`
 ``optimizer`` and ``rng`` safetensors files and ``state.json`` (step, optimizer scalars,
 Python/NumPy RNG states, counters, data position, and the SHA-256 of every file).
 
+A sharded checkpoint (an FSDP2 run, ``train.parallel: fsdp``) holds instead ``dcp/``, written by
+torch.distributed.checkpoint from every rank's shards, beside ``rng.safetensors`` and
+``state.json`` (``layout: dcp``, the SHA-256 of every file). It reads back as whole tensors in
+any process, so a single-process run resumes from it, and an FSDP2 run from a plain one.
+
 A checkpoint is written to a temporary folder, each file fsynced, then renamed into place
 in one atomic step; a reader therefore sees a whole checkpoint or none. On load every
 file is checked against its recorded hash, and a damaged checkpoint is reported and
@@ -17,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,12 +77,12 @@ def step_dirs(run_dir: Path) -> list[Path]:
 # ---------------------------------------------------------------- optimizer and RNG as tensors + JSON
 
 
-def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def flatten_optimizer(state: dict, to_cpu: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
     for index, entry in state["state"].items():
         for key, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous() if to_cpu else value.detach()
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -136,48 +142,105 @@ def save_checkpoint(
     meta: dict,
     keep_last: int,
     extra: dict[str, dict[str, torch.Tensor]] | None = None,
+    sharded: bool = False,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically and keep the newest ``keep_last``; ``extra``: optional
-    tensor groups (OPTIONAL_TENSOR_FILES) beside the required ones."""
+    tensor groups (OPTIONAL_TENSOR_FILES) beside the required ones. ``sharded``: every rank calls it
+    and torch.distributed.checkpoint writes each rank's shards (FSDP2); else rank 0 alone calls it."""
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = step_dir(run_dir, step)
-    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-
-    opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
+    opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict(), to_cpu=not sharded)
     rng_tensors, rng_meta = capture_rng()
+    state = {"format": FORMAT_VERSION, "step": step, "optimizer": opt_meta, "rng": rng_meta, **meta}
     groups = {
-        "model": _cpu_state(model),
-        "ema": _cpu_state(ema),
-        "objective": _cpu_state(objective),
+        "model": _state(model, sharded),
+        "ema": _state(ema, sharded),
+        "objective": _state(objective, sharded),
         "optimizer": opt_tensors,
-        "rng": rng_tensors,
-        **{name: {k: v.detach().cpu().contiguous() for k, v in group.items()} for name, group in (extra or {}).items()},
+        **{name: _state(group, sharded) for name, group in (extra or {}).items()},
     }
+    if sharded:
+        return _save_sharded(run_dir, step, groups, rng_tensors, state, keep_last)
+    tmp = _fresh_folder(root / f".tmp_step_{step:08d}_{os.getpid()}")
     hashes = {}
-    for name, tensors in groups.items():
+    for name, tensors in {**groups, "rng": rng_tensors}.items():
         path = tmp / f"{name}.safetensors"
         save_file(tensors, str(path))
         _fsync(path)
         hashes[name] = _sha256(path)
-    state = {"format": FORMAT_VERSION, "step": step, "optimizer": opt_meta, "rng": rng_meta, "sha256": hashes, **meta}
+    return _publish(tmp, run_dir, step, {**state, "sha256": hashes}, keep_last)
+
+
+def _state(tensors, sharded: bool) -> dict[str, torch.Tensor]:
+    """A module's state dict (or a dict of tensors): CPU copies, or as they are for a sharded save."""
+    items = (tensors.state_dict() if isinstance(tensors, torch.nn.Module) else tensors).items()
+    return {k: v.detach() if sharded else v.detach().cpu().contiguous() for k, v in items}
+
+
+def _fresh_folder(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir()
+    return path
+
+
+def _publish(tmp: Path, run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
+    """Write state.json into ``tmp``, rename it into place atomically, prune to ``keep_last``."""
     state_path = tmp / STATE_FILE
     state_path.write_text(json.dumps(state))
     _fsync(state_path)
+    final = step_dir(run_dir, step)
     if final.exists():  # re-saving a step after a resume: replace the old folder
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync(root)
+    _fsync(checkpoint_dir(run_dir))
     for old in step_dirs(run_dir)[keep_last:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+def _save_sharded(run_dir: Path, step: int, groups: dict, rng: dict, state: dict, keep_last: int) -> Path:
+    import torch.distributed.checkpoint as dcp
+
+    from vrpo.utils.dist import barrier, is_main
+
+    tmp = checkpoint_dir(run_dir) / f".tmp_step_{step:08d}_sharded"  # one name: every rank writes into it
+    if is_main():
+        _fresh_folder(tmp)
+    barrier()
+    dcp.save(groups, checkpoint_id=str(tmp / "dcp"))
+    barrier()
+    if is_main():
+        save_file(rng, str(tmp / "rng.safetensors"))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        for path in files:
+            _fsync(path)
+        hashes = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+        _publish(tmp, run_dir, step, {**state, "layout": "dcp", "groups": list(groups), "sha256": hashes}, keep_last)
+    barrier()
+    return step_dir(run_dir, step)
+
+
+def _read_sharded(path: Path, meta: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """A sharded checkpoint as whole tensors, in any process (torch.distributed.checkpoint reshards)."""
+    import torch.distributed.checkpoint as dcp
+
+    for name, digest in meta["sha256"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"{file} is truncated or corrupt (SHA-256 mismatch)")
+    reader = dcp.FileSystemReader(str(path / "dcp"))
+    tensors: dict[str, dict[str, torch.Tensor]] = {group: {} for group in meta["groups"]}  # some may be empty
+    for key, entry in reader.read_metadata().state_dict_metadata.items():
+        group, _, name = key.partition(".")
+        tensors[group][name] = torch.empty(entry.size, dtype=entry.properties.dtype)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(tensors, storage_reader=reader, no_dist=True)
+    tensors["rng"] = load_file(str(path / "rng.safetensors"))
+    return tensors
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -189,6 +252,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{state_path} is missing or unreadable ({err.__class__.__name__})") from None
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {meta.get('format')}, expected {FORMAT_VERSION}")
+    if meta.get("layout") == "dcp":
+        return Checkpoint(int(meta["step"]), path, _read_sharded(path, meta), meta)
     tensors = {}
     for name in (*TENSOR_FILES, *(n for n in OPTIONAL_TENSOR_FILES if n in meta.get("sha256", {}))):
         file = path / f"{name}.safetensors"

@@ -38,6 +38,7 @@ from vrpo.runs.checkpoint import (
 )
 from vrpo.train.ema import ema_decay, make_ema, trainable_state, update_ema, update_ema_tensors
 from vrpo.train.logging import RunLogger
+from vrpo.train.parallel import make_parallel
 from vrpo.train.stopping import StopRequest, TrainingStopped
 from vrpo.transport import generate
 from vrpo.utils.dist import all_reduce_mean, any_rank, barrier, init_distributed
@@ -57,6 +58,8 @@ RESUMABLE_CHANGES = {
     "train.activation_checkpointing",
     "train.compile",
     "train.compile_backend",
+    "train.parallel",  # a checkpoint loads sharded or whole either way
+    "train.grad_accum",  # the same global batch split otherwise (world x accumulation kept: the same draws)
     "train.max_nonfinite",
 }  # and every key of the sampler and eval sections
 
@@ -175,13 +178,10 @@ class Trainer:
 
         # Seeded separately so that every method with this seed starts from the same network.
         torch.manual_seed(t.seed)
-        self.model = build_model(
-            cfg.model.arch,
-            self.data.resolution,
-            self.data.channels,
-            num_classes,
-            **cfg.model.build_options(),
-        ).to(self.device)
+        self.build_model = lambda: build_model(  # noqa: E731 (also the whole EMA's shape when sharded)
+            cfg.model.arch, self.data.resolution, self.data.channels, num_classes, **cfg.model.build_options()
+        )
+        self.model = self.build_model().to(self.device)
         torch.manual_seed(t.seed + 1)
         self.objective = build_objective(cfg, self.model, self.data).to(self.device)
         self.ema = make_ema(self.model)
@@ -189,7 +189,7 @@ class Trainer:
         # REPA's EMA also averages the projectors (train.ema_heads): their copies, in named_parameters order
         self.ema_heads = trainable_state(self.objective) if t.ema_heads else None
         self.head_params = [p for p in self.objective.parameters() if p.requires_grad]  # in ema_heads' order
-        self.params = [p for p in chain(self.model.parameters(), self.objective.parameters()) if p.requires_grad]
+        self.params = self.trainable()
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
@@ -200,13 +200,12 @@ class Trainer:
         if t.compile:  # block by block, in place: parameter names, checkpoints and the EMA stay as they are
             for block in self.model.blocks:
                 block.compile(backend=t.compile_backend)
-        self.train_step = TrainStep(self.model, self.objective)
-        if self.world > 1:
-            self.train_step = torch.nn.parallel.DistributedDataParallel(
-                self.train_step,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=cfg.objective.leaves_parameters_unused(),
-            )
+        unused = cfg.objective.leaves_parameters_unused()
+        self.parallel = make_parallel(t.parallel, self.world, self.device, unused, t.fsdp_precision)
+        self.train_step, self.optimizer = self.parallel.wrap(
+            TrainStep(self.model, self.objective), self.model, self.ema, self.optimizer, self.trainable
+        )
+        self.params = self.trainable()  # sharded now, under FSDP2
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast = (
             (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
@@ -214,6 +213,10 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, enabled=self.main, tensorboard=t.tensorboard)
         self.warned = self.logger.warned()
         self.evaluator = TrainingEvaluator(cfg, self.run_dir)  # every rank samples its share
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """The optimizer's parameters, in its order: the network's, then the objective's heads."""
+        return [p for p in chain(self.model.parameters(), self.objective.parameters()) if p.requires_grad]
 
     # ------------------------------------------------------------ checkpoints
 
@@ -244,7 +247,7 @@ class Trainer:
             print(f"resuming {self.run_dir} from step {self.step} ({ckpt.path.name})")
 
     def save(self) -> None:
-        if self.main:
+        if self.main or self.parallel.sharded:  # sharded: every rank writes its shards
             meta = {
                 "skipped_steps": self.skipped,
                 "consecutive_nonfinite": self.consecutive_bad,
@@ -262,6 +265,7 @@ class Trainer:
                 meta,
                 self.cfg.train.keep_last,
                 extra={"ema_heads": self.ema_heads} if self.ema_heads is not None else None,
+                sharded=self.parallel.sharded,
             )
         barrier()
 
@@ -287,8 +291,7 @@ class Trainer:
             # draw what one process with W x A accumulation steps would.
             generator = step_generator(t.seed, step, self.rank * len(micro) + m)
             batch = make_batch(self.data, index, self.device, self.conditional, generator)
-            sync = contextlib.nullcontext() if (self.world == 1 or m == len(micro) - 1) else self.train_step.no_sync()
-            with sync:
+            with self.parallel.no_sync(self.train_step, last=m == len(micro) - 1):
                 with self.autocast():
                     loss, step_logs = self.train_step(batch, generator)
                 (loss / len(micro)).backward()
@@ -298,8 +301,9 @@ class Trainer:
         names = list(logs)
         values = all_reduce_mean(torch.stack([logs[k] for k in names])).tolist()
         logs = dict(zip(names, values))
+        self.parallel.reduce_head_gradients(self.head_params)
         clip = t_clip if (t_clip := self.cfg.optim.grad_clip) > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        grad_norm = self.parallel.clip_gradients(self.params, clip)
         finite = math.isfinite(logs["loss"]) and bool(torch.isfinite(grad_norm))
         if any_rank(not finite, self.device):
             self.optimizer.zero_grad(set_to_none=True)
@@ -321,6 +325,7 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
+        ema = self.parallel.whole(self.ema, self.build_model)  # every rank: a gather when sharded
         if not self.main:
             return None
         t, d = self.cfg.train, self.data
@@ -329,7 +334,7 @@ class Trainer:
         noise = torch.randn(shape, generator=gen).to(self.device)
         labels = (torch.arange(t.sample_grid) % d.num_classes).to(self.device) if self.conditional else None
         with self.autocast():
-            x = generate(self.ema, self.cfg, labels, noise, gen)
+            x = generate(ema, self.cfg, labels, noise, gen)
         if d.is_latent:
             return None  # latents need a decoder to become pictures
         return save_grid(
@@ -347,6 +352,9 @@ class Trainer:
     def evaluate(self) -> dict:
         """The configured evaluation of the EMA weights at this step, into RUN/metrics.jsonl: every
         rank samples its share, rank 0 scores and writes (the others get {})."""
+        if self.parallel.sharded:  # whole copies of the sharded weights, on every rank
+            ema = self.parallel.whole(self.ema, self.build_model)
+            return self.evaluator.evaluate(self.step, ema, self.objective, ema)
         return self.evaluator.evaluate(self.step, self.ema, self.objective, self.model)
 
     def report_warnings(self, record: dict[str, float]) -> None:
