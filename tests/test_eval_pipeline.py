@@ -89,10 +89,10 @@ def test_reference_stats_are_cached_and_reused(files):
     samples, reference, cache = files
     extractors = stub_extractors()
     first = evaluate_samples(samples, reference, "fid,pr,fd_encoder", cache_dir=cache, extractors=extractors)
-    assert extractors["inception"].features.calls == [20, 12] and extractors["encoder"].features.calls == [20, 12]
+    assert extractors["inception"].features.calls == [12, 20] and extractors["encoder"].features.calls == [12, 20]
     second = evaluate_samples(samples, reference, "fid,pr,fd_encoder", num=10, cache_dir=cache, extractors=extractors)
-    assert extractors["inception"].features.calls == [20, 12, 10]  # the reference was not recomputed
-    assert extractors["encoder"].features.calls == [20, 12, 10]
+    assert extractors["inception"].features.calls == [12, 20, 10]  # the reference was not recomputed
+    assert extractors["encoder"].features.calls == [12, 20, 10]
     assert second["num_samples"] == 10 and second["fid"] != first["fid"]
     # The cached file itself works as REF and gives the same numbers.
     stats_file = first["reference_stats"]["inception"]
@@ -299,6 +299,6 @@ def test_evaluate_during_training_appends_fid(tiny_runs, tmp_path):
         run, ema, cfg, step + 1, 12, "digits:test", ref_num=30, cache_dir=tmp_path, extractors=extractors
     )
     assert again["fid"] == record["fid"]  # fixed seed: the same samples
-    assert extractors["inception"].features.calls == [30, 12, 12]
+    assert extractors["inception"].features.calls == [12, 30, 12]
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], "fid" in r) for r in lines[-2:]] == [(step, True), (step + 1, True)]

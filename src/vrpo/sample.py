@@ -54,10 +54,11 @@ def rank_batches(num: int, batch_size: int) -> range:
 
 @torch.no_grad()
 def generate_images(
-    model, cfg, num: int, seed: int = 0, batch_size: int = 64, **sampler_overrides
+    model, cfg, num: int, seed: int = 0, batch_size: int = 64, gather: bool = True, **sampler_overrides
 ) -> torch.Tensor | None:
     """``num`` class-balanced uint8 samples [N, C, H, W], the same as ``vrpo sample`` writes for this seed.
-    Under torchrun every rank samples its share of the batches; rank 0 gets them all, the others None."""
+    Under torchrun every rank samples its share of the batches; rank 0 gets them all, the others None.
+    ``gather=False``: every rank keeps its own share (its batches in order; possibly none)."""
     was_training = model.training
     model.eval()
     mine = {
@@ -65,6 +66,8 @@ def generate_images(
         for start in rank_batches(num, batch_size)
     }
     model.train(was_training)
+    if not gather:  # a rank without batches: no images (their size is checked on rank 0, never empty)
+        return torch.cat(list(mine.values())) if mine else torch.empty((0, 1, 1, 1), dtype=torch.uint8)
     batches = gather_mapping(mine)
     return None if batches is None else torch.cat([batches[start] for start in range(0, num, batch_size)])
 

@@ -178,10 +178,10 @@ def _refused(err: Exception, path: Path) -> EvalError:
 
 
 def reference_statistics(
-    reference: Reference, extractor: FeatureExtractor, cache_dir: PathLike = DEFAULT_CACHE_DIR
-) -> tuple[dict, Path]:
+    reference: Reference, extractor: FeatureExtractor, cache_dir: PathLike = DEFAULT_CACHE_DIR, compute: bool = True
+) -> tuple[dict | None, Path]:
     """Statistics of ``reference`` under ``extractor``: from the cache when its fingerprint matches,
-    else computed and cached."""
+    else computed and cached (``compute=False``: None, a cheap check of what is cached)."""
     if reference.images is None:
         path, stored = reference.stats_path, reference.stored
         if stored.get("feature_extractor") != extractor.info.get("feature_extractor"):
@@ -200,6 +200,8 @@ def reference_statistics(
             return load_reference_stats(path, fingerprint), path
         except ValueError as err:
             raise _refused(err, path) from None
+    if not compute:
+        return None, path
     stats = summarize(extractor.features(reference.images))
     save_reference_stats(path, stats, fingerprint)
     return stats, path

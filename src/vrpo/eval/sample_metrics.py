@@ -32,6 +32,7 @@ from vrpo.eval.references import (
     reference_statistics,
     summarize,
 )
+from vrpo.utils.dist import gather_arrays, is_main
 from vrpo.utils.types import PathLike
 
 FD_ENCODER_INPUT_SIZE = 224
@@ -108,11 +109,15 @@ def evaluate_samples(
     batch_size: int = 64,
     progress: bool = False,
     extractors: dict[str, FeatureExtractor] | None = None,
+    gathered: bool = False,
 ) -> dict[str, Any]:
     """Sample metrics of uint8 images (a tensor, an ADM npz or an image folder) against ``ref``.
 
     ``extractors`` maps "inception" / "encoder" to ready extractors (tests inject stubs);
     missing ones are built on demand and added to it, so a caller can keep them loaded.
+    ``gathered``: under torchrun every rank passes its own samples, extracts their features, and
+    rank 0 scores the features of all (the metrics do not depend on the samples' order); the
+    other ranks return {}.
     """
     start = time.perf_counter()
     metrics = parse_metrics(metrics, list(SAMPLE_METRICS))
@@ -128,32 +133,44 @@ def evaluate_samples(
                 f"fewer than --num {num}"
             )
         images = images[:num]
-    reference = load_reference(ref, ref_num, data_root)
-    if tuple(images.shape[1:]) != reference.image_shape:
-        raise EvalError(
-            f"samples are {describe_shape(images.shape[1:])} but reference {ref} is "
-            f"{describe_shape(reference.image_shape)}: "
-            "use a reference of the samples' size"
-        )
-
-    result: dict[str, Any] = {
-        "samples": "tensor" if isinstance(samples, torch.Tensor) else str(samples),
-        "num_samples": len(images),
-        "reference": str(ref),
-        "reference_num": reference.num,
-    }
     builders = {
         "inception": lambda: inception_extractor(device, batch_size, progress),
         "encoder": lambda: encoder_extractor(encoder_weights, encoder_name, FD_ENCODER_INPUT_SIZE, device, batch_size),
     }
     extractors = {} if extractors is None else extractors
-    infos, caches = {}, {}
-    for group in dict.fromkeys(SAMPLE_METRICS[m] for m in metrics):
+    groups = list(dict.fromkeys(SAMPLE_METRICS[m] for m in metrics))
+    for group in groups:
         if group not in extractors:
             extractors[group] = builders[group]()
+    main = not gathered or is_main()
+    if main:  # a wrong reference or a foreign cache fails before any feature work
+        reference = load_reference(ref, ref_num, data_root)
+        if tuple(images.shape[1:]) != reference.image_shape:
+            raise EvalError(
+                f"samples are {describe_shape(images.shape[1:])} but reference {ref} is "
+                f"{describe_shape(reference.image_shape)}: use a reference of the samples' size"
+            )
+        for group in groups:
+            reference_statistics(reference, extractors[group], cache_dir, compute=False)
+    # the samples' features before any missing reference statistics: under torchrun the other ranks wait
+    features = {group: extractors[group].features(images) if len(images) else {} for group in groups}
+    count = len(images)
+    if gathered:  # rank 0 holds batch 0: its share is never empty
+        features = gather_arrays(features)
+        if not main:
+            return {}
+        count = len(next(iter(features[groups[0]].values())))
+    result: dict[str, Any] = {
+        "samples": "tensor" if isinstance(samples, torch.Tensor) else str(samples),
+        "num_samples": count,
+        "reference": str(ref),
+        "reference_num": reference.num,
+    }
+    infos, caches = {}, {}
+    for group in groups:
         extractor = extractors[group]
         ref_stats, caches[group] = reference_statistics(reference, extractor, cache_dir)
-        stats = summarize(extractor.features(images))
+        stats = summarize(features[group])
         infos[group] = extractor.info
 
         def fd(key: str, stats=stats, ref_stats=ref_stats) -> float:

@@ -17,7 +17,7 @@ from vrpo.eval.representations import block_states, evaluation_sources
 from vrpo.eval.sample_metrics import describe_record, evaluate_samples, metrics_record
 from vrpo.runs import append_record
 from vrpo.sample import generate_images
-from vrpo.utils.dist import is_main
+from vrpo.utils.dist import is_main, rank_and_world
 from vrpo.utils.types import PathLike
 
 
@@ -55,16 +55,15 @@ def evaluate_during_training(
 
     ``extra`` holds further numbers of this step (e.g. RA) stored in the same record.
 
-    Under torchrun call it on every rank: each samples its share, rank 0 scores and writes the
-    record (the others return {}). Pass the same ``extractors`` dict (e.g. ``{}``) every time:
-    the Inception network built on the first call stays in it. Returns the appended record.
+    Under torchrun call it on every rank: each samples its share and extracts its features, rank 0
+    scores them all and writes the record (the others return {}). Pass the same ``extractors`` dict
+    (e.g. ``{}``) every time: the Inception network built on the first call stays in it. Returns the appended record.
     """
     if cfg.data.name == "tensors":
         raise EvalError("sample metrics during training need pixels: data.name=tensors has no decoder (use latents)")
     device = str(next(model_or_ema.parameters()).device)
-    images = generate_images(model_or_ema, cfg, num, seed, batch_size, **sampler_overrides)
-    if not is_main():
-        return {}
+    # each rank samples its share and extracts its features; rank 0 scores them all
+    images = generate_images(model_or_ema, cfg, num, seed, batch_size, gather=False, **sampler_overrides)
     result = evaluate_samples(
         images,
         ref,
@@ -75,7 +74,10 @@ def evaluate_during_training(
         device=device,
         batch_size=batch_size,
         extractors=extractors,
+        gathered=rank_and_world()[1] > 1,
     )
+    if not is_main():
+        return {}
     record = {**metrics_record(step, result), **(extra or {})}
     append_record(Path(run_dir) / "metrics.jsonl", record)
     return record

@@ -64,3 +64,18 @@ def gather_mapping(mine: dict) -> dict | None:
     parts: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(mine, parts, dst=0)
     return None if parts is None else {key: value for part in parts for key, value in part.items()}
+
+
+def gather_arrays(mine: dict) -> dict | None:
+    """Every rank's ``{group: {name: array [n_r, ...]}}`` concatenated on rank 0 in rank order (a rank
+    with nothing sends {} for a group); None on the other ranks."""
+    parts = gather_mapping({rank_and_world()[0]: mine})
+    if parts is None:
+        return None
+    import numpy as np
+
+    ordered = [parts[rank] for rank in sorted(parts)]
+    return {
+        group: {name: np.concatenate([p[group][name] for p in ordered if p[group]]) for name in mine[group]}
+        for group in mine
+    }
