@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vrpo.eval.frechet import (
+    covariance_factor,
     feature_statistics,
     frechet_distance,
     frechet_distance_from_features,
@@ -72,6 +73,20 @@ def test_singular_covariances_finite_and_match_data_svd_reference(num_a, num_b, 
     ours = frechet_distance_from_features(features_a, features_b)
     assert np.isfinite(ours)
     assert abs(ours - data_svd_frechet(features_a, features_b)) / ours < 1e-10
+
+
+@pytest.mark.parametrize("num_a,num_b,dim", [(20, 30, 64), (3, 200, 64), (100, 500, 256)])
+def test_the_small_sample_route_through_the_features_equals_the_two_eigendecompositions(num_a, num_b, dim):
+    """With fewer samples than dimensions, the n x n route gives the same distance (and the data-SVD one)."""
+    rng = np.random.default_rng(num_a)
+    features_a, features_b = random_feature_sets(rng, num_a, num_b, dim)
+    mu1, sigma1 = feature_statistics(features_a)
+    mu2, sigma2 = feature_statistics(features_b)
+    factor = covariance_factor(features_a)
+    np.testing.assert_allclose(factor.T @ factor, sigma1, atol=1e-12)
+    fast = frechet_distance(mu1, sigma1, mu2, sigma2, factor)
+    assert fast == pytest.approx(frechet_distance(mu1, sigma1, mu2, sigma2), rel=1e-10)
+    assert fast == pytest.approx(data_svd_frechet(features_a, features_b), rel=1e-10)
 
 
 def test_trace_sqrt_product_of_commuting_diagonals():

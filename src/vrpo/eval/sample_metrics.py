@@ -14,7 +14,7 @@ import torch
 from vrpo.encoders import build_encoder
 from vrpo.encoders.cache import cache_slug
 from vrpo.errors import EvalError
-from vrpo.eval.frechet import frechet_distance
+from vrpo.eval.frechet import covariance_factor, frechet_distance
 from vrpo.eval.inception import (
     INCEPTION_SCORE_UNAVAILABLE_MESSAGE,
     InceptionFeatures,
@@ -173,9 +173,10 @@ def evaluate_samples(
         stats = summarize(features[group])
         infos[group] = extractor.info
 
-        def fd(key: str, stats=stats, ref_stats=ref_stats) -> float:
+        def fd(key: str, stats=stats, ref_stats=ref_stats, values=features[group]) -> float:
+            factor = covariance_factor(values[key])  # fewer samples than dimensions: the fast route
             return frechet_distance(
-                stats[f"{key}_mu"], stats[f"{key}_sigma"], ref_stats[f"{key}_mu"], ref_stats[f"{key}_sigma"]
+                stats[f"{key}_mu"], stats[f"{key}_sigma"], ref_stats[f"{key}_mu"], ref_stats[f"{key}_sigma"], factor
             )
 
         try:
