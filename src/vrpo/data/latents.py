@@ -144,15 +144,14 @@ def manifest_of(root: str | Path) -> dict:
 
 def is_latent_folder(path: str | Path) -> bool:
     """Whether ``path`` is a folder ``vrpo prepare-latents`` wrote (its manifest says so)."""
-    manifest = Path(path) / "manifest.json"
     try:
-        return manifest.is_file() and json.loads(manifest.read_text()).get("format") == FORMAT
-    except (OSError, json.JSONDecodeError):
+        return Path(path).is_dir() and bool(manifest_of(path))
+    except DataError:
         return False
 
 
 class LatentShards:
-    """The rows of a latent folder, read on demand: ``[index]`` gives ``(mean, std, images, labels)``."""
+    """The rows of a latent folder, read on demand through memory-mapped shards (``rows(index)``)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
