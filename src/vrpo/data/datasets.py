@@ -275,13 +275,18 @@ def load_split(name: str, split: str = "train", root: str | None = None, resolut
     return data
 
 
-def balanced_indices(labels: torch.Tensor, num_classes: int, limit: int, seed: int) -> torch.Tensor:
-    """``limit`` row indices (sorted) with classes as equal as possible, chosen by a seeded permutation."""
+def balanced_indices(
+    labels: torch.Tensor, num_classes: int, limit: int, seed: int, exclude: set[int] | None = None
+) -> torch.Tensor:
+    """``limit`` row indices (sorted) with classes as equal as possible, chosen by a seeded permutation
+    among the rows not in ``exclude``."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     per_class = [0] * num_classes
     quota = -(-limit // num_classes)
     chosen = []
     for i in order.tolist():
+        if exclude and i in exclude:
+            continue
         c = int(labels[i])
         if per_class[c] < quota:
             per_class[c] += 1
@@ -291,11 +296,12 @@ def balanced_indices(labels: torch.Tensor, num_classes: int, limit: int, seed: i
     return torch.tensor(sorted(chosen))
 
 
-def balanced_subset(data, limit: int, seed: int):
-    """``limit`` rows of ``data`` (an ImageSet or a latent folder) with classes as equal as possible."""
-    if limit <= 0 or limit >= len(data):
+def balanced_subset(data, limit: int, seed: int, exclude: set[int] | None = None):
+    """``limit`` rows of ``data`` (an ImageSet or a latent folder) with classes as equal as possible,
+    none of them in ``exclude``."""
+    if (limit <= 0 or limit >= len(data)) and not exclude:
         return data
-    index = balanced_indices(data.labels, data.num_classes, limit, seed)
+    index = balanced_indices(data.labels, data.num_classes, limit if limit > 0 else len(data), seed, exclude)
     return data.subset(index, f"{data.name}[{limit}@{seed}]")
 
 

@@ -9,6 +9,7 @@ heads) unless given.
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 from torch import Tensor
@@ -86,13 +87,24 @@ def convert_dinov2(source: str | Path, out: str | Path, heads: int | None = None
         config, model_cls = transformers.Dinov2Config(**fields), transformers.Dinov2Model
     from safetensors.torch import save_file
 
-    # The file in the naming of the published transformers checkpoints (transformers renames on load).
+    # The file in the naming of the published transformers checkpoints (transformers renames on load),
+    # written beside the target and renamed into place once it loads: a failure leaves nothing behind.
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(out)
-    save_file({k: v.contiguous() for k, v in hub_to_hf_state_dict(sd).items()}, str(out / "model.safetensors"))
-    _, info = model_cls.from_pretrained(out, output_loading_info=True, low_cpu_mem_usage=False)
+    if out.exists():
+        raise ValueError(f"{out} exists: choose a new directory")
+    tmp = out.with_name(f".{out.name}.converting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config.save_pretrained(tmp)
+    save_file({k: v.contiguous() for k, v in hub_to_hf_state_dict(sd).items()}, str(tmp / "model.safetensors"))
+    try:
+        _, info = model_cls.from_pretrained(tmp, output_loading_info=True, low_cpu_mem_usage=False)
+    except RuntimeError as err:  # shapes that do not fit the configuration
+        shutil.rmtree(tmp)
+        raise ValueError(f"the converted weights do not load: {str(err).splitlines()[0][:200]}") from None
     if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
+        shutil.rmtree(tmp)
         missing, unexpected = sorted(info["missing_keys"])[:4], sorted(info["unexpected_keys"])[:4]
         raise ValueError(f"the converted weights do not fit: missing {missing}, unexpected {unexpected}")
+    tmp.rename(out)
     return out

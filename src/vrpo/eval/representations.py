@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from vrpo.data import balanced_subset, keyed_generator, load_split, model_inputs
+from vrpo.data.datasets import balanced_indices
 from vrpo.errors import EvalError
 from vrpo.eval.alignment import cknna, linear_probe_accuracy
 from vrpo.eval.references import FeatureExtractor
@@ -84,7 +85,8 @@ def evaluation_sources(cfg, dataset: str | None, split: str) -> tuple[str, str, 
         raise EvalError("representation metrics need pixel images: data.name=tensors holds latents without them")
     if cfg.data.name == "latents":
         held_out = dataset or cfg.eval.held_out or cfg.data.root
-        return "latents", "held-out" if held_out != cfg.data.root else "train", held_out, cfg.data.root
+        own = Path(held_out).resolve() == Path(cfg.data.root).resolve()
+        return "latents", "train" if own else "held-out", held_out, cfg.data.root
     name, _, other_split = (dataset or cfg.data.name).partition(":")
     root = cfg.data.root if name == cfg.data.name else None  # a user's copy elsewhere: $VRPO_DATA_ROOT
     return name, other_split or split, root, root
@@ -122,7 +124,9 @@ def evaluate_representations(
         raise EvalError(f"timesteps must lie in [0, 1], got {list(timesteps)}")
     cfg, model, step = load_run_model(run_dir, which, device)
     name, split, root, train_root = evaluation_sources(cfg, dataset, split)
-    held_out = balanced_subset(load_split(name, split, root, cfg.data.resolution), num, seed)
+    source = load_split(name, split, root, cfg.data.resolution)
+    held_rows = balanced_indices(source.labels, source.num_classes, num, seed) if 0 < num < len(source) else None
+    held_out = source if held_rows is None else source.subset(held_rows, f"{source.name}[{num}@{seed}]")
     if held_out.channels != model.image_channels:
         raise EvalError(
             f"{name}:{split} has {held_out.channels} channel(s), the run's model takes {model.image_channels}"
@@ -176,7 +180,12 @@ def evaluate_representations(
             result["cknna"] = finite_or_none(float(np.mean(list(values.values()))))
         if "probe" in metrics:
             train_set = load_split(name, "train", train_root, cfg.data.resolution)
-            train = balanced_subset(train_set, probe_train or num, seed + 1)
+            # measured on training rows (a latent folder without a held-out one): the probe trains on the others
+            same_rows = split == "train" and str(Path(root or "").resolve()) == str(Path(train_root or "").resolve())
+            if same_rows and held_rows is None:
+                raise EvalError(f"the probe needs training rows besides the {len(held_out)} measured: lower --num")
+            exclude = set(held_rows.tolist()) if same_rows else None
+            train = balanced_subset(train_set, probe_train or num, seed + 1, exclude)
             train_features, _ = block_states(
                 model, objective.noising, train, timesteps, depth, None, seed + 1, batch_size
             )

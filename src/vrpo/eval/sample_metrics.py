@@ -32,7 +32,7 @@ from vrpo.eval.references import (
     reference_statistics,
     summarize,
 )
-from vrpo.utils.dist import gather_arrays, is_main
+from vrpo.utils.dist import any_rank, gather_arrays, is_main
 from vrpo.utils.types import PathLike
 
 FD_ENCODER_INPUT_SIZE = 224
@@ -143,15 +143,23 @@ def evaluate_samples(
         if group not in extractors:
             extractors[group] = builders[group]()
     main = not gathered or is_main()
+    refused = None
     if main:  # a wrong reference or a foreign cache fails before any feature work
-        reference = load_reference(ref, ref_num, data_root)
-        if tuple(images.shape[1:]) != reference.image_shape:
-            raise EvalError(
-                f"samples are {describe_shape(images.shape[1:])} but reference {ref} is "
-                f"{describe_shape(reference.image_shape)}: use a reference of the samples' size"
-            )
-        for group in groups:
-            reference_statistics(reference, extractors[group], cache_dir, compute=False)
+        try:
+            reference = load_reference(ref, ref_num, data_root)
+            if tuple(images.shape[1:]) != reference.image_shape:
+                raise EvalError(
+                    f"samples are {describe_shape(images.shape[1:])} but reference {ref} is "
+                    f"{describe_shape(reference.image_shape)}: use a reference of the samples' size"
+                )
+            for group in groups:
+                reference_statistics(reference, extractors[group], cache_dir, compute=False)
+        except EvalError as err:
+            refused = err
+    if gathered and any_rank(refused is not None, torch.device(device)):  # every rank stops, none waits
+        raise refused or EvalError(f"rank 0 refused the reference {ref} (its error names why)")
+    if refused is not None:
+        raise refused
     # the samples' features before any missing reference statistics: under torchrun the other ranks wait
     features = {group: extractors[group].features(images) if len(images) else {} for group in groups}
     count = len(images)
@@ -174,7 +182,8 @@ def evaluate_samples(
         infos[group] = extractor.info
 
         def fd(key: str, stats=stats, ref_stats=ref_stats, values=features[group]) -> float:
-            factor = covariance_factor(values[key])  # fewer samples than dimensions: the fast route
+            n, dims = values[key].shape
+            factor = covariance_factor(values[key]) if n < dims else None  # few samples: the fast route
             return frechet_distance(
                 stats[f"{key}_mu"], stats[f"{key}_sigma"], ref_stats[f"{key}_mu"], ref_stats[f"{key}_sigma"], factor
             )

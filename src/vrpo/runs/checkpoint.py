@@ -233,12 +233,15 @@ def _read_sharded(path: Path, meta: dict) -> dict[str, dict[str, torch.Tensor]]:
             raise CheckpointError(f"{file} is truncated or corrupt (SHA-256 mismatch)")
     reader = dcp.FileSystemReader(str(path / "dcp"))
     tensors: dict[str, dict[str, torch.Tensor]] = {group: {} for group in meta["groups"]}  # some may be empty
-    for key, entry in reader.read_metadata().state_dict_metadata.items():
-        group, _, name = key.partition(".")
-        tensors[group][name] = torch.empty(entry.size, dtype=entry.properties.dtype)
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(tensors, storage_reader=reader, no_dist=True)
+    try:
+        for key, entry in reader.read_metadata().state_dict_metadata.items():
+            group, _, name = key.partition(".")
+            tensors[group][name] = torch.empty(entry.size, dtype=entry.properties.dtype)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(tensors, storage_reader=reader, no_dist=True)
+    except Exception as err:  # a shard another node wrote and this one cannot see, or a damaged one
+        raise CheckpointError(f"{path / 'dcp'} does not read back whole: {str(err).splitlines()[0][:200]}") from None
     tensors["rng"] = load_file(str(path / "rng.safetensors"))
     return tensors
 

@@ -63,6 +63,7 @@ class Sharded(Replicated):
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         self.mesh = init_device_mesh(device.type, (world,))
+        self.copy = None  # the whole copy that evaluations sample from
         dtypes = {"fp32": None, "bf16": torch.bfloat16}
         self.policy = MixedPrecisionPolicy(param_dtype=dtypes[precision], reduce_dtype=torch.float32)
 
@@ -86,7 +87,14 @@ class Sharded(Replicated):
         return contextlib.nullcontext()
 
     def reduce_head_gradients(self, heads: list[torch.nn.Parameter]) -> None:
-        grads = [p.grad for p in heads if p.grad is not None]
+        # A head with a gradient on any rank is reduced on all (zero where a batch gave none); one
+        # without a gradient anywhere keeps None, so AdamW leaves it alone as DDP's unused parameters.
+        anywhere = torch.tensor([float(p.grad is not None) for p in heads], device=self.device)
+        dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
+        for p, used in zip(heads, anywhere.tolist()):
+            if used and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p, used in zip(heads, anywhere.tolist()) if used]
         if grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat)
@@ -109,11 +117,14 @@ class Sharded(Replicated):
         return torch.tensor(norm)
 
     def whole(self, module, build):
-        """A plain copy holding the whole weights: every rank gathers them (a collective)."""
+        """A plain copy holding the whole weights: every rank gathers them (a collective). The copy is
+        built once, outside the global random stream (a resumed run draws what a straight one does)."""
         full = {name: _full(value) for name, value in module.state_dict().items()}
-        copy = build().to(self.device)
-        copy.load_state_dict(full)
-        return copy.eval().requires_grad_(False)
+        if self.copy is None:
+            with torch.random.fork_rng(devices=[]):
+                self.copy = build().to(self.device).eval().requires_grad_(False)
+        self.copy.load_state_dict(full)
+        return self.copy
 
 
 def _full(value: torch.Tensor) -> torch.Tensor:

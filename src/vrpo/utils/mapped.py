@@ -37,14 +37,19 @@ def map_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], set[str]]:
             if length > size - 8:
                 raise MappedFileError(path, f"header length {length} exceeds the file ({size} bytes)")
             header = json.loads(f.read(length))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a mapping")
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
         raise MappedFileError(path, f"not a readable safetensors file ({err})") from None
     start = 8 + length
     arrays, bf16 = {}, set()
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype, shape, (begin, end) = DTYPES.get(entry.get("dtype")), entry.get("shape"), entry.get("data_offsets")
+        try:
+            dtype, shape, (begin, end) = DTYPES.get(entry["dtype"]), list(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise MappedFileError(path, f"tensor {name!r} has a malformed header entry ({entry})") from None
         if dtype is None or start + end > size or end - begin != np.dtype(dtype).itemsize * int(np.prod(shape)):
             raise MappedFileError(path, f"tensor {name!r} is truncated or of an unknown dtype ({entry})")
         arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=tuple(shape))
@@ -63,6 +68,8 @@ class MappedShards:
 
     def __init__(self, paths: list[Path], keys: tuple[str, ...]):
         self.paths, self.keys = list(paths), keys
+        if not self.paths:
+            raise MappedFileError(Path("."), "no shard files to read")
         self.files, self.bf16 = [], set()
         for path in self.paths:
             arrays, bf16 = map_safetensors(path)
@@ -73,6 +80,11 @@ class MappedShards:
             lengths = {arrays[key].shape[0] for key in keys}
             if len(lengths) != 1:
                 raise MappedFileError(path, f"its tensors {keys} hold different numbers of rows")
+            if self.files and any(
+                (arrays[key].dtype, arrays[key].shape[1:]) != (self.files[0][key].dtype, self.files[0][key].shape[1:])
+                for key in keys
+            ):
+                raise MappedFileError(path, f"its tensors' dtypes or row shapes differ from {self.paths[0].name}'s")
             self.files.append(arrays)
         self.counts = [self.files[i][keys[0]].shape[0] for i in range(len(self.files))]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)

@@ -157,6 +157,11 @@ class VRPOOptions(AlignmentOptions):
             need(0.0 <= getattr(self, key) < 1.0, f"objective.{key} must be in [0, 1), got {getattr(self, key)}")
         need(self.warmup_steps >= 0, "objective.warmup_steps must be >= 0")
         need(self.grad_share_every >= 0, "objective.grad_share_every must be >= 0 (0: off)")
+        need(
+            not (self.grad_share_every and cfg.train.parallel == "fsdp"),
+            "objective.grad_share_every measures gradients of whole block parameters, which FSDP2 shards: set "
+            "objective.grad_share_every=0 under train.parallel=fsdp",
+        )
         need(self.variance_eps > 0.0, "objective.variance_eps must be > 0")
         need(
             0.0 <= self.weight_shrinkage <= 1.0,
