@@ -9,8 +9,8 @@ Both sides train the same network (SiT-T/4 on 32 x 32 x 1, REPA at block 2, proj
 1280-d targets on the 8 x 8 grid, AdamW, grad clip 1, EMA) on the same batch size. The official
 step gets its targets as a ready tensor; this project's step reads them from the feature cache
 (``configs/fmnist/repa-t4.yaml``: build it with ``vrpo cache-features``) and pays for it. Steps
-alternate (official, ours, ours with ``--set`` variants, ...), and each variant's median step time
-is reported with its ratio to the official median and a 95 % bootstrap interval of that ratio.
+alternate (official, ours, ours with ``--variant`` settings, ...); each variant's median step time
+is reported with the median of the per-round ratios official / ours and its bootstrap 95 % interval.
 
     python benchmarks/official_repa_step.py --official /tmp/repa --steps 30 \\
         --variant compiled=train.compile=true
@@ -27,10 +27,12 @@ import time
 import types
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from alignment_overhead import paired_ratio  # noqa: E402
 
 
 def timm_stand_in() -> types.ModuleType:
@@ -117,15 +119,6 @@ def official_step(official: Path, batch: int, seed: int):
     return step
 
 
-def ratio_interval(official: list[float], ours: list[float], seed: int = 0, draws: int = 2000):
-    """Median(official) / median(ours) (> 1: ours faster) with a 95 % bootstrap interval over rounds."""
-    rng = np.random.default_rng(seed)
-    a, b = np.asarray(official), np.asarray(ours)
-    picks = rng.integers(0, len(a), (draws, len(a)))
-    ratios = np.median(a[picks], axis=1) / np.median(b[picks], axis=1)
-    return float(np.median(a) / np.median(b)), [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official", required=True, type=Path, help="checkout of sihyun-yu/REPA")
@@ -164,11 +157,10 @@ def main(argv=None) -> int:
                     times[name].append(time.perf_counter() - start)
     result = {"config": args.config, "batch": args.batch, "threads": torch.get_num_threads(), "steps": args.steps,
               "official_ms": round(1000 * statistics.median(times["official"]), 1), "variants": {}}  # fmt: skip
-    for name in variants:
-        speedup, interval = ratio_interval(times["official"], times[name])
+    for name in variants:  # official / ours per round: > 1 when ours is faster
+        speedup = paired_ratio(times["official"], times[name])
         result["variants"][name] = {"sets": variants[name], "ms": round(1000 * statistics.median(times[name]), 1),
-                                    "speedup_over_official": round(speedup, 3),
-                                    "interval_95": [round(v, 3) for v in interval]}  # fmt: skip
+                                    "speedup_over_official": speedup["median"], "interval_95": speedup["ci95"]}  # fmt: skip
     print(json.dumps(result, indent=1))
     return 0
 
