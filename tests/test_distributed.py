@@ -124,7 +124,7 @@ def _wait_for_checkpoint(folder: Path, step: int, process, limit: float = 300.0)
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None or not Path("/proc").is_dir(), reason="torchrun and /proc")
 def test_a_killed_rank_stops_the_run_in_one_line_and_sigkilled_runs_resume_exactly(tmp_path, tiny_overrides):
-    steps = ["train.max_steps=30", "train.ckpt_every=5", "train.log_every=1", "train.dist_timeout_s=60"]
+    steps = ["train.max_steps=20", "train.ckpt_every=5", "train.log_every=1", "train.dist_timeout_s=60"]
 
     def launch(out: Path):
         args = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "vrpo.cli", "train", "--config",
@@ -152,7 +152,7 @@ def test_a_killed_rank_stops_the_run_in_one_line_and_sigkilled_runs_resume_exact
     assert first.returncode != 0 and time.monotonic() - killed_at < 60
     assert "error: rank 0 of 2: a collective failed" in err and "rerun the command to resume" in err
     second = launch(run)  # resumes from its newest checkpoint; then the whole job is SIGKILLed
-    _wait_for_checkpoint(run, 15, second)
+    _wait_for_checkpoint(run, 10, second)
     os.killpg(second.pid, signal.SIGKILL)
     second.wait(timeout=60)
     third = launch(run)
