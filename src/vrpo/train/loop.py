@@ -352,10 +352,9 @@ class Trainer:
     def evaluate(self) -> dict:
         """The configured evaluation of the EMA weights at this step, into RUN/metrics.jsonl: every
         rank samples its share, rank 0 scores and writes (the others get {})."""
-        if self.parallel.sharded:  # whole copies of the sharded weights, on every rank
-            ema = self.parallel.whole(self.ema, self.build_model)
-            return self.evaluator.evaluate(self.step, ema, self.objective, ema)
-        return self.evaluator.evaluate(self.step, self.ema, self.objective, self.model)
+        ema = self.parallel.whole(self.ema, self.build_model)  # sharded: a whole copy, gathered on every rank
+        network = ema if self.parallel.sharded else self.model  # the network the objective's heads fit
+        return self.evaluator.evaluate(self.step, ema, self.objective, network)
 
     def report_warnings(self, record: dict[str, float]) -> None:
         """The objective's known failure modes, each printed and logged (rank 0) once per run."""
