@@ -36,6 +36,7 @@ CASES = {  # method -> (config, overrides)
             "eval.ref=digits:test",
             "eval.ref_num=16",
             "eval.ra_num=8",
+            "eval.batch_size=4",  # held-out RA in two batches: one on each rank
             "eval.metrics=[fd_encoder]",
         ],
     ),
@@ -82,6 +83,19 @@ def test_two_ranks_match_one_process_with_accumulation(tmp_path, tiny_overrides,
         assert record["num_samples"] == 6 and record["fd_efficientnet"] > 0
         assert record["fd_efficientnet"] == pytest.approx(single_record["fd_efficientnet"], rel=1e-3)
         assert record["ra"] == pytest.approx(single_record["ra"], abs=1e-4)
+        # the representation metrics spread over 2 ranks (batches 0 and 8 on rank 0, 4 on rank 1) equal one process
+        from vrpo.eval.representations import evaluate_representations
+
+        args = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "vrpo.cli", "--", "eval", "--run",
+                str(tmp_path / "ddp"), "--num", "12", "--batch-size", "4", "--timesteps", "0.5"]  # fmt: skip
+        done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        (line,) = done.stdout.splitlines()  # rank 0 alone prints
+        spread = json.loads(line)
+        one = evaluate_representations(tmp_path / "ddp", num=12, batch_size=4, timesteps=(0.5,))
+        assert spread["num"] == one["num"] == 12
+        for key in ("ra", "cknna", "probe"):
+            assert spread[key] == pytest.approx(one[key], abs=1e-5), key
     # sampling spread over 2 ranks (batch 3) equals one process (batch 4): per-sample noise; `--` keeps torchrun's
     # parser from reading --run and --num as abbreviations of its own options
     if method == "sit":

@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from vrpo.config import load_config, parse_override
 from vrpo.data import DataError, load_dataset, pixel_resolution
 from vrpo.encoders.cache import CacheMismatch, build_feature_caches
@@ -23,7 +21,7 @@ from vrpo.study import load_study, run_study, write_report
 from vrpo.train import TrainingDiverged, train
 from vrpo.train.stopping import TrainingStopped
 from vrpo.transport.noising import SAMPLERS
-from vrpo.utils.dist import is_main
+from vrpo.utils.dist import init_distributed, is_main, rank_and_world
 
 
 def _train(args) -> int:
@@ -76,7 +74,6 @@ def _prepare_latents(args) -> int:
     import time
 
     from vrpo.data.latents import prepare_latents
-    from vrpo.utils.dist import init_distributed
 
     device = init_distributed(args.device, args.dist_timeout)[2]
     start = time.perf_counter()
@@ -131,10 +128,11 @@ def _import_checkpoint(args) -> int:
 
 
 def _eval(args) -> int:
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(init_distributed(args.device, args.dist_timeout)[2])
     if args.run is not None:
         if args.ref is not None:
             raise EvalError("--ref goes with --samples; --run evaluates on the run's own dataset (--split)")
+        # under torchrun the held-out images are spread over the ranks; rank 0 prints and appends
         result = evaluate_representations(
             args.run,
             args.metrics or RUN_METRICS,
@@ -155,6 +153,9 @@ def _eval(args) -> int:
     else:
         if args.ref is None:
             raise EvalError("--samples needs --ref (NAME:SPLIT, an npz, an image folder or a statistics file)")
+        if rank_and_world()[1] > 1:
+            raise EvalError("vrpo eval --samples runs in one process (vrpo sample and training spread theirs over "
+                            "the ranks): run it without torchrun")  # fmt: skip
         step = args.step
         if args.append and step is None:  # the samples are taken to come from the run's newest checkpoint
             step = newest_checkpoint_step(args.append.parent)
@@ -174,6 +175,8 @@ def _eval(args) -> int:
             batch_size=args.batch_size,
             progress=True,
         )
+    if not is_main():
+        return 0
     if args.append:
         append_record(args.append, metrics_record(step, result))
     print(json.dumps(result))
@@ -189,6 +192,12 @@ def _plot(args) -> int:
     out = plot_runs(args.runs, args.out, [m.strip() for m in args.metric.split(",") if m.strip()])
     print(f"wrote {out}")
     return 0
+
+
+def _add_dist_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dist-timeout", type=float, default=86400.0,
+                   help="torchrun: seconds a rank waits on the others in a collective (a resumed rank may have much "
+                   "less left)")  # fmt: skip
 
 
 def _timesteps(text: str) -> list[float]:
@@ -237,9 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dist-timeout", type=float, default=86400.0,
-                   help="torchrun: seconds a rank waits at the final barrier for the others (a resumed rank may "
-                   "have much less left)")  # fmt: skip
+    _add_dist_timeout(p)
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("submit", help="train as a SLURM job through submitit (one task per GPU, requeued)")
@@ -272,9 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=0, help="processes reading and cropping images (0: in the main one)")
-    p.add_argument("--dist-timeout", type=float, default=86400.0,
-                   help="torchrun: seconds a rank waits at the final barrier for the others (a resumed rank may "
-                   "have much less left)")  # fmt: skip
+    _add_dist_timeout(p)
     p.set_defaults(func=_prepare_latents)
 
     p = sub.add_parser("convert-dinov2", help="a torch.hub DINOv2 .pth as a transformers directory (for hf:DIR)")
@@ -376,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    _add_dist_timeout(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("plot", help="metric curves of runs (their metrics.jsonl) into one PNG")

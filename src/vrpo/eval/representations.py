@@ -21,6 +21,7 @@ from vrpo.eval.sample_metrics import FD_ENCODER_INPUT_SIZE, encoder_extractor, f
 from vrpo.objectives import Batch, build_objective
 from vrpo.objectives.alignment import default_encoder_depth
 from vrpo.runs import latest_checkpoint, load_run_model
+from vrpo.utils.dist import gather_mapping, rank_and_world, rank_share
 from vrpo.utils.types import PathLike
 
 RUN_METRICS = ("ra", "cknna", "probe")
@@ -45,11 +46,11 @@ def block_states(
     from data to noise. Labels are the null class: class labels in the input would make the
     probe trivial. Batch b's noise is keyed on (seed, b), the same at every timestep. A network
     with a global token (REG) gets it as pure noise; ReDi's representation channels are zero.
+    Under torchrun call it on every rank: batch b runs on rank b % world, every rank gets all the results.
     """
     device = next(model.parameters()).device
-    pooled: dict[float, list] = {t: [] for t in timesteps}
-    cosines: dict[float, list] = {t: [] for t in timesteps}
-    for start in range(0, len(data), batch_size):
+    mine = {}  # batch start -> (pooled per t, cosines per t)
+    for start in rank_share(range(0, len(data), batch_size)):
         index = torch.arange(start, min(start + batch_size, len(data)))
         x, pixels = model_inputs(data, index, device)
         if model.representation_channels:  # ReDi's channels absent (zero), as its dropout trains them
@@ -62,6 +63,7 @@ def block_states(
             token = torch.randn((x.shape[0], model.global_token_dim), generator=generator).to(device)
         # Targets do not depend on t: encode once per batch.
         targets = align.targets(Batch(x, None, pixels, index)) if align is not None else None
+        pooled, cosines = {}, {}
         for t in timesteps:
             times = noising.fixed_times(t, x.shape[0], device)
             x_t = noising.add_noise(x, noise, times)
@@ -69,12 +71,25 @@ def block_states(
                 x_t, noising.model_time(times), None, hidden_layers=(depth,), stop_after=depth, global_token=token
             )
             hidden = out.hidden[depth]
-            pooled[t].append(hidden.float().mean(dim=1).cpu())
+            pooled[t] = hidden.float().mean(dim=1).cpu()
             if targets is not None:
-                cosines[t].append(align.cosine(align.project(hidden), targets).double().cpu())
-    features = {t: torch.cat(v) for t, v in pooled.items()}
-    ra = {t: torch.cat(v).mean().item() for t, v in cosines.items() if v}
+                cosines[t] = align.cosine(align.project(hidden), targets).double().cpu()
+        mine[start] = (pooled, cosines)
+    batches = [part for _, part in sorted(gather_mapping(mine, everywhere=True).items())]
+    features = {t: torch.cat([pooled[t] for pooled, _ in batches]) for t in timesteps}
+    ra = {t: torch.cat([cosines[t] for _, cosines in batches]).mean().item() for t in timesteps if align is not None}
     return features, ra
+
+
+def encoder_features_over_ranks(encoder: FeatureExtractor, data) -> np.ndarray:
+    """``encoder``'s global features [N, D] of ``data``'s pixels; under torchrun each rank encodes a
+    contiguous share of the rows and every rank gets them all, in row order."""
+    rank, world = rank_and_world()
+    rows = np.array_split(np.arange(len(data)), world)[rank]
+    share = data.subset(torch.from_numpy(rows), f"{data.name}[rank {rank}]")
+    mine = encoder.features(share.pixels())["global"] if len(rows) else None
+    parts = gather_mapping({rank: mine}, everywhere=True)
+    return np.concatenate([parts[r] for r in sorted(parts) if parts[r] is not None])
 
 
 def evaluation_sources(cfg, dataset: str | None, split: str) -> tuple[str, str, str | None, str | None]:
@@ -173,7 +188,7 @@ def evaluate_representations(
             encoder = encoder or encoder_extractor(
                 encoder_weights, encoder_name, encoder_input_size, device, batch_size
             )
-            targets = encoder.features(held_out.pixels())["global"]
+            targets = encoder_features_over_ranks(encoder, held_out)
             values = {t: cknna(features[t], targets, k=CKNNA_K) for t in timesteps}
             result["cknna_encoder"] = encoder.info.get("feature_extractor")
             result.update({f"cknna@{t:g}": finite_or_none(v) for t, v in values.items()})

@@ -96,7 +96,7 @@ def evaluate_configured(run_dir, model, cfg, step: int, num: int, metrics, extra
 
 
 class TrainingEvaluator:
-    """The evaluations during a run (sampled on every rank, scored on rank 0); keeps its networks and
+    """The evaluations during a run (sampled and RA measured on every rank, scored on rank 0); keeps its networks and
     held-out images between calls."""
 
     def __init__(self, cfg, run_dir: Path):
@@ -110,7 +110,7 @@ class TrainingEvaluator:
         when the objective aligns (``model``: the network the objective was built for)."""
         e = self.cfg.eval
         extra = {}
-        if objective.alignment is not None and e.ra_num and is_main():
+        if objective.alignment is not None and e.ra_num:  # spread over the ranks, as the sampling
             extra["ra"] = self.held_out_ra(ema, objective, model)
         final = step == self.cfg.train.max_steps
         num = e.final_num_samples if final and e.final_num_samples else e.num_samples
@@ -125,5 +125,5 @@ class TrainingEvaluator:
             self.ra_data = balanced_subset(load_split(name, split, root, d.resolution), e.ra_num, e.seed)
             self.ra_alignment = objective.alignment.on_the_fly(self.cfg, model)
         align = self.ra_alignment
-        _, ra = block_states(ema, objective.noising, self.ra_data, (t,), align.depth, align, e.seed)
+        _, ra = block_states(ema, objective.noising, self.ra_data, (t,), align.depth, align, e.seed, e.batch_size)
         return ra[t]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
@@ -57,13 +58,24 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def gather_mapping(mine: dict) -> dict | None:
-    """The union over ranks of every rank's ``{key: value}`` on rank 0; None on the others."""
+def gather_mapping(mine: dict, everywhere: bool = False) -> dict | None:
+    """The union over ranks of every rank's ``{key: value}`` on rank 0 (on every rank with
+    ``everywhere``); None on the others."""
     if not dist.is_initialized():
         return dict(mine)
-    parts: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(mine, parts, dst=0)
+    if everywhere:
+        parts: list | None = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+    else:
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, parts, dst=0)
     return None if parts is None else {key: value for part in parts for key, value in part.items()}
+
+
+def rank_share(items: Sequence) -> list:
+    """This rank's share of a list of work items: item i goes to rank i % world_size."""
+    rank, world = rank_and_world()
+    return list(items)[rank::world]
 
 
 def gather_arrays(mine: dict) -> dict | None:
