@@ -35,6 +35,9 @@ def load_run_config(run_dir: str | Path) -> Config:
     sampler = tree.get("sampler")
     if isinstance(sampler, dict) and "noise_keying" not in sampler:  # written before per-sample keying
         sampler["noise_keying"] = "batch"
+    optim = tree.get("optim")
+    if isinstance(optim, dict) and "fused" not in optim:  # written before the fused AdamW: its foreach path
+        optim["fused"] = False
     return config_from_dict(tree)
 
 

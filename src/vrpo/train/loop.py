@@ -192,8 +192,9 @@ class Trainer:
         self.params = self.trainable()
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
-        )
+            self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+            fused=o.fused or None,  # None: torch's own choice (the path the runs before the option took)
+        )  # fmt: skip
         self.step, self.skipped, self.consecutive_bad = 0, 0, 0
         self._restore()
         self.model.checkpoint_activations = t.activation_checkpointing
