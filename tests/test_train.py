@@ -177,6 +177,22 @@ def test_resume_refuses_a_different_config(tmp_path, tiny_overrides):
     assert train(tiny_cfg(tiny_overrides, "train.max_steps=3"), tmp_path).step == 3  # longer is fine
 
 
+def test_a_run_saved_before_the_fused_adamw_keeps_torchs_default_path(tmp_path, tiny_overrides):
+    import yaml
+
+    from vrpo.config import ConfigError
+    from vrpo.runs import load_run_config
+
+    train(tiny_cfg(tiny_overrides, "train.max_steps=2"), tmp_path)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["optim"].pop("fused") is True  # the default now
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert load_run_config(tmp_path).optim.fused is False
+    with pytest.raises(ConfigError, match="optim.fused"):  # another optimizer path is another run
+        train(tiny_cfg(tiny_overrides, "train.max_steps=3"), tmp_path)
+    assert train(tiny_cfg(tiny_overrides, "train.max_steps=3", "optim.fused=false"), tmp_path).step == 3
+
+
 @pytest.mark.parametrize("text,problem", [("model: [unclosed", "not valid YAML"), ("- a list", "mapping")])
 def test_a_corrupt_run_config_is_refused_in_one_line(tmp_path, text, problem):
     from vrpo.config import ConfigError
@@ -344,9 +360,10 @@ def test_resume_refuses_changed_data(tmp_path, tiny_overrides):
 
 @pytest.mark.parametrize(
     "option",
-    [["train.activation_checkpointing=true"], ["train.compile=true", "train.compile_backend=aot_eager"]],
-    ids=["activation-checkpointing", "compile"],
-)
+    [["train.activation_checkpointing=true"], ["train.compile=true", "train.compile_backend=aot_eager"],
+     ["optim.fused=false"]],
+    ids=["activation-checkpointing", "compile", "unfused-adamw"],
+)  # fmt: skip
 def test_memory_and_speed_options_leave_the_training_unchanged(tmp_path, tiny_overrides, option):
     from vrpo.train.loop import Trainer
 
@@ -354,7 +371,8 @@ def test_memory_and_speed_options_leave_the_training_unchanged(tmp_path, tiny_ov
     train(tiny_cfg(tiny_overrides, *steps), tmp_path / "plain")
     trainer = Trainer(tiny_cfg(tiny_overrides, *steps, *option), tmp_path / "option")
     block = trainer.model.blocks[0]
-    assert trainer.model.checkpoint_activations or block._compiled_call_impl is not None  # the option is on
+    unfused = not trainer.optimizer.defaults["fused"]
+    assert trainer.model.checkpoint_activations or block._compiled_call_impl is not None or unfused  # the option is on
     trainer.fit()
     plain, other = final_weights(tmp_path / "plain"), final_weights(tmp_path / "option")
     for part in ("model", "ema"):
