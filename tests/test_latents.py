@@ -161,6 +161,15 @@ def test_a_latent_run_is_evaluated_decoded_and_its_targets_cached(folder, tmp_pa
     train(load_config(None, sets), tmp_path / "run")
     record = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 2 and record["fid"] > 0 and -1 <= record["ra"] <= 1
+    # the folder's reference statistics are cached under its manifest and rows: a second score reads no crop
+    from vrpo.eval.sample_metrics import evaluate_samples
+
+    samples = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    scored = lambda: evaluate_samples(samples, out, ["fid"], ref_num=12, cache_dir=tmp_path / "refstats")  # noqa: E731
+    first = scored()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LatentSet, "pixels", lambda *_: pytest.fail("the reference's crops were read again"))
+        assert scored()["fid"] == first["fid"]
     assert main(["eval", "--run", str(tmp_path / "run"), "--metrics", "ra,cknna,probe", "--num", "12",
                  "--timesteps", "0.5"]) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out.splitlines()[-1])

@@ -102,11 +102,15 @@ class Reference:
     images: torch.Tensor | None
     stats_path: Path | None = None
     stored: dict | None = None
+    # a latent folder's rows: their crops are read only to compute statistics, the manifest identifies them
+    latent_rows: Any = None
 
     @property
     def image_shape(self) -> tuple[int, ...]:
         if self.images is not None:
             return tuple(self.images.shape[1:])
+        if self.latent_rows is not None:
+            return tuple(self.latent_rows.shards.image_shape)
         shape = self.stored.get("data_shape")
         if not shape or len(shape) != 4:
             raise EvalError(
@@ -116,9 +120,22 @@ class Reference:
 
     @property
     def num(self) -> int:
-        return (
-            len(self.images) if self.images is not None else int(self.stored.get("num", self.stored["data_shape"][0]))
-        )
+        if self.images is not None:
+            return len(self.images)
+        if self.latent_rows is not None:
+            return len(self.latent_rows)
+        return int(self.stored.get("num", self.stored["data_shape"][0]))
+
+    def fingerprint(self, extractor_info: Mapping[str, Any]) -> dict:
+        """What its statistics are checked against: the images' bytes, or a latent folder's manifest and rows."""
+        if self.latent_rows is None:
+            return {**dataset_fingerprint(self.images, extractor_info), "num": len(self.images)}
+        digest = hashlib.sha256(self.latent_rows.fingerprint.encode()).hexdigest()
+        shape = [len(self.latent_rows), *self.image_shape]
+        return {"latent_rows_sha256": digest, "data_shape": shape, **dict(extractor_info), "num": len(self.latent_rows)}
+
+    def pixels(self) -> torch.Tensor:
+        return self.images if self.latent_rows is None else self.latent_rows.pixels()
 
 
 def _stored_fingerprint(path: Path) -> dict | None:
@@ -140,9 +157,9 @@ def load_reference(ref: PathLike, num: int = DEFAULT_REF_NUM, data_root: str | N
             return Reference(str(ref), path.stem, None, path, stored)
         # The path's hash keeps same-named references apart in one cache folder.
         slug = f"{path.stem}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
-        if is_latent_folder(path):  # its stored crops, class-balanced, read lazily
+        if is_latent_folder(path):  # its stored crops, class-balanced, read only when the statistics are computed
             data = balanced_subset(LatentSet(path), num, seed=0)
-            return Reference(str(ref), f"{slug}-n{len(data)}", data.pixels())
+            return Reference(str(ref), f"{slug}-rows-n{len(data)}", None, latent_rows=data)
         images = read_images(path)
         data = ImageSet(images, torch.zeros(len(images), dtype=torch.long), 1, str(path))
     else:
@@ -182,7 +199,7 @@ def reference_statistics(
 ) -> tuple[dict | None, Path]:
     """Statistics of ``reference`` under ``extractor``: from the cache when its fingerprint matches,
     else computed and cached (``compute=False``: None, a cheap check of what is cached)."""
-    if reference.images is None:
+    if reference.stats_path is not None:
         path, stored = reference.stats_path, reference.stored
         if stored.get("feature_extractor") != extractor.info.get("feature_extractor"):
             raise EvalError(
@@ -193,7 +210,7 @@ def reference_statistics(
             return load_reference_stats(path, {**stored, **extractor.info}), path
         except ValueError as err:
             raise _refused(err, path) from None
-    fingerprint = {**dataset_fingerprint(reference.images, extractor.info), "num": len(reference.images)}
+    fingerprint = reference.fingerprint(extractor.info)
     path = Path(cache_dir).expanduser() / f"{reference.slug}-{extractor.name}.npz"
     if path.is_file():
         try:
@@ -202,6 +219,6 @@ def reference_statistics(
             raise _refused(err, path) from None
     if not compute:
         return None, path
-    stats = summarize(extractor.features(reference.images))
+    stats = summarize(extractor.features(reference.pixels()))
     save_reference_stats(path, stats, fingerprint)
     return stats, path
