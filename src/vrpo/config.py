@@ -111,7 +111,7 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: str = "constant"  # constant, cosine, linear (decay after warm-up)
     min_lr_ratio: float = 0.0
-    # AdamW's fused kernel (one pass over all parameters); false: its foreach path. The same update to
+    # AdamW's fused kernel (one pass over all parameters); false: torch's default path. The same update to
     # float rounding; benchmarks/step_roofline.py measures the difference. Runs saved without it read false.
     fused: bool = True
 

@@ -21,7 +21,8 @@ from vrpo.eval.sample_metrics import FD_ENCODER_INPUT_SIZE, encoder_extractor, f
 from vrpo.objectives import Batch, build_objective
 from vrpo.objectives.alignment import default_encoder_depth
 from vrpo.runs import latest_checkpoint, load_run_model
-from vrpo.utils.dist import gather_mapping, rank_and_world, rank_share
+from vrpo.sample import rank_batches
+from vrpo.utils.dist import gather_mapping, rank_and_world
 from vrpo.utils.types import PathLike
 
 RUN_METRICS = ("ra", "cknna", "probe")
@@ -50,7 +51,7 @@ def block_states(
     """
     device = next(model.parameters()).device
     mine = {}  # batch start -> (pooled per t, cosines per t)
-    for start in rank_share(range(0, len(data), batch_size)):
+    for start in rank_batches(len(data), batch_size):  # the sampler's split of batches over ranks
         index = torch.arange(start, min(start + batch_size, len(data)))
         x, pixels = model_inputs(data, index, device)
         if model.representation_channels:  # ReDi's channels absent (zero), as its dropout trains them

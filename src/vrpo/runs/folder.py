@@ -36,7 +36,7 @@ def load_run_config(run_dir: str | Path) -> Config:
     if isinstance(sampler, dict) and "noise_keying" not in sampler:  # written before per-sample keying
         sampler["noise_keying"] = "batch"
     optim = tree.get("optim")
-    if isinstance(optim, dict) and "fused" not in optim:  # written before the fused AdamW: its foreach path
+    if isinstance(optim, dict) and "fused" not in optim:  # written before the fused AdamW: torch's default path
         optim["fused"] = False
     return config_from_dict(tree)
 

@@ -191,10 +191,8 @@ class Trainer:
         self.head_params = [p for p in self.objective.parameters() if p.requires_grad]  # in ema_heads' order
         self.params = self.trainable()
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-            fused=o.fused or None,  # None: torch's own choice (the path the runs before the option took)
-        )  # fmt: skip
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                           weight_decay=o.weight_decay, fused=o.fused or None)  # fmt: skip
         self.step, self.skipped, self.consecutive_bad = 0, 0, 0
         self._restore()
         self.model.checkpoint_activations = t.activation_checkpointing

@@ -139,9 +139,8 @@ def _moved_optimizer(optimizer: torch.optim.Optimizer, old: list, new: list) -> 
     groups, index = [], 0
     for group in optimizer.param_groups:
         count = len(group["params"])
-        settings = {k: v for k, v in group.items() if k != "params"}
         # the fused kernel refuses a mix of sharded and replicated (projector) parameters: torch's own path
-        settings.update({"fused": None} if "fused" in settings else {})
+        settings = {k: v for k, v in group.items() if k != "params"} | {"fused": None}
         groups.append({**settings, "params": new[index : index + count]})
         index += count
     moved = type(optimizer)(groups)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
@@ -70,12 +69,6 @@ def gather_mapping(mine: dict, everywhere: bool = False) -> dict | None:
         parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(mine, parts, dst=0)
     return None if parts is None else {key: value for part in parts for key, value in part.items()}
-
-
-def rank_share(items: Sequence) -> list:
-    """This rank's share of a list of work items: item i goes to rank i % world_size."""
-    rank, world = rank_and_world()
-    return list(items)[rank::world]
 
 
 def gather_arrays(mine: dict) -> dict | None:
