@@ -203,7 +203,8 @@ def test_submitit_launcher_runs_the_same_two_rank_training(tmp_path, tiny_overri
 def test_fsdp2_equals_one_process_and_its_sharded_checkpoints_load_either_way(tmp_path, tiny_overrides):
     """REPA under FSDP2 on 2 gloo ranks (network and EMA sharded, projectors replicated) equals one
     process accumulating the same batch, evaluation included; its sharded (DCP) checkpoint resumes in
-    one process, and one process's checkpoint resumes under FSDP2, each to the same weights."""
+    one process and under FSDP2 (each rank reading its own shards), and one process's checkpoint resumes
+    under FSDP2, each to the same weights."""
     pytest.importorskip("efficientnet_lite_pytorch")
     from vrpo.runs.checkpoint import latest_checkpoint
 
@@ -240,7 +241,8 @@ def test_fsdp2_equals_one_process_and_its_sharded_checkpoints_load_either_way(tm
     )  # the evaluation sampled a whole copy of the sharded EMA
     assert record["fd_efficientnet"] == pytest.approx(single_record["fd_efficientnet"], rel=1e-4)
     assert record["ra"] == pytest.approx(single_record["ra"], abs=1e-5)
-    for source, resumed in (("fsdp", "single-from-fsdp"), ("single", "fsdp-from-single")):
+    pairs = (("fsdp", "single-from-fsdp"), ("single", "fsdp-from-single"), ("fsdp", "fsdp-from-fsdp"))
+    for source, resumed in pairs:
         shutil.copytree(tmp_path / source, tmp_path / resumed)
         shutil.rmtree(step_dirs(tmp_path / resumed)[0])  # back to step 2
         (tmp_path / resumed / "metrics.jsonl").unlink()
@@ -248,3 +250,6 @@ def test_fsdp2_equals_one_process_and_its_sharded_checkpoints_load_either_way(tm
     torchrun(tmp_path / "fsdp-from-single", fsdp)
     same(tmp_path / "single-from-fsdp", tmp_path / "single")
     same(tmp_path / "fsdp-from-single", tmp_path / "fsdp")
+    torchrun(tmp_path / "fsdp-from-fsdp", fsdp)  # each rank reads its own shards back (never the whole checkpoint)
+    same(tmp_path / "fsdp-from-fsdp", tmp_path / "fsdp")
+    assert not list((tmp_path / "fsdp-from-fsdp" / "checkpoints").glob(".tmp_step_*"))

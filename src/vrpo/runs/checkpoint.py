@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,10 +127,27 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 @dataclass
 class Checkpoint:
+    """One verified checkpoint. A sharded one reads its tensors whole on first use of ``tensors``;
+    an FSDP2 run reads only its own shards instead (``load_shards``)."""
+
     step: int
     path: Path
-    tensors: dict[str, dict[str, torch.Tensor]]
     meta: dict
+    loaded: dict[str, dict[str, torch.Tensor]] | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.meta.get("layout") == "dcp"
+
+    def rng(self) -> dict[str, torch.Tensor]:
+        """The RNG states, without reading a sharded checkpoint's tensors (verified when it was read)."""
+        return self.loaded["rng"] if self.loaded is not None else load_file(str(self.path / "rng.safetensors"))
+
+    @property
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        if self.loaded is None:
+            self.loaded = _read_sharded(self.path, self.meta)
+        return self.loaded
 
 
 def save_checkpoint(
@@ -202,9 +220,10 @@ def _publish(tmp: Path, run_dir: Path, step: int, state: dict, keep_last: int) -
 def _save_sharded(run_dir: Path, step: int, groups: dict, rng: dict, state: dict, keep_last: int) -> Path:
     import torch.distributed.checkpoint as dcp
 
-    from vrpo.utils.dist import barrier, is_main
+    from vrpo.utils.dist import barrier, broadcast_object, is_main
 
-    tmp = checkpoint_dir(run_dir) / f".tmp_step_{step:08d}_sharded"  # one name: every rank writes into it
+    # one folder for every rank, named by rank 0: a stale writer of the same step never shares it
+    tmp = checkpoint_dir(run_dir) / broadcast_object(f".tmp_step_{step:08d}_{os.getpid()}_{time.time_ns()}")
     if is_main():
         _fresh_folder(tmp)
     barrier()
@@ -221,16 +240,19 @@ def _save_sharded(run_dir: Path, step: int, groups: dict, rng: dict, state: dict
     return step_dir(run_dir, step)
 
 
-def _read_sharded(path: Path, meta: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """A sharded checkpoint as whole tensors, in any process (torch.distributed.checkpoint reshards)."""
-    import torch.distributed.checkpoint as dcp
-
+def _verify_sharded(path: Path, meta: dict) -> None:
     for name, digest in meta["sha256"].items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file} is missing")
         if _sha256(file) != digest:
             raise CheckpointError(f"{file} is truncated or corrupt (SHA-256 mismatch)")
+
+
+def _read_sharded(path: Path, meta: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """A sharded checkpoint as whole tensors, in any process (torch.distributed.checkpoint reshards)."""
+    import torch.distributed.checkpoint as dcp
+
     reader = dcp.FileSystemReader(str(path / "dcp"))
     tensors: dict[str, dict[str, torch.Tensor]] = {group: {} for group in meta["groups"]}  # some may be empty
     try:
@@ -246,6 +268,54 @@ def _read_sharded(path: Path, meta: dict) -> dict[str, dict[str, torch.Tensor]]:
     return tensors
 
 
+def _load_shards(ckpt: Checkpoint, groups: dict[str, dict[str, torch.Tensor]], params: list) -> dict:
+    """Every rank reads only its own shards of a sharded checkpoint into ``groups`` (state dicts of the
+    sharded network, its EMA and the replicated heads: loaded in place), a collective. The optimizer's
+    state is built on ``params`` (its parameters, in order) and returned as its ``state_dict``."""
+    import torch.distributed.checkpoint as dcp
+
+    path = ckpt.path / "dcp"
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        moments = {}  # each optimizer tensor shaped as saved: laid out like its parameter where it is one
+        for key, entry in saved.items():
+            group, _, name = key.partition(".")
+            if group == "optimizer":
+                param = params[int(name.split(".", 1)[0])]
+                like = tuple(entry.size) == tuple(param.shape)
+                moments[name] = (
+                    torch.zeros_like(param) if like else torch.empty(entry.size, dtype=entry.properties.dtype)
+                )
+        missing = sorted({f"{g}.{n}" for g, tensors in groups.items() for n in tensors} - set(saved))
+        if missing:
+            raise CheckpointError(f"{path} lacks {len(missing)} tensors this run needs, e.g. {missing[0]}")
+        dcp.load({**groups, "optimizer": moments}, checkpoint_id=str(path))
+    except CheckpointError:
+        raise
+    except Exception as err:  # a shard another node wrote and this one cannot see, or a damaged one
+        raise CheckpointError(f"{path} does not read back: {str(err).splitlines()[0][:200]}") from None
+    return unflatten_optimizer(moments, ckpt.meta["optimizer"])
+
+
+def restore_state(ckpt: Checkpoint, modules: dict, ema_heads: dict | None, optimizer, shards: bool) -> None:
+    """Load ``ckpt``'s ``modules`` (model, ema, objective), the EMA of the heads and the optimizer state in
+    place: from whole tensors, or with ``shards`` (an FSDP2 run) each rank's own shards alone (a collective)."""
+    groups = {name: module.state_dict() for name, module in modules.items()}
+    if ema_heads is not None:
+        groups["ema_heads"] = ema_heads
+    if shards:
+        state = _load_shards(ckpt, groups, [p for group in optimizer.param_groups for p in group["params"]])
+    else:
+        groups, state = ckpt.tensors, unflatten_optimizer(ckpt.tensors["optimizer"], ckpt.meta["optimizer"])
+    if ema_heads is not None and groups.get("ema_heads", {}).keys() != ema_heads.keys():
+        raise CheckpointError(f"{ckpt.path} holds no EMA of this objective's heads (train.ema_heads=true)")
+    for name, module in modules.items():
+        module.load_state_dict(groups[name])
+    for name, value in groups.get("ema_heads", {}).items() if ema_heads is not None else ():
+        ema_heads[name].copy_(value)
+    optimizer.load_state_dict(state)
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
     """Read and verify one checkpoint folder; raises CheckpointError naming what is wrong."""
     state_path = path / STATE_FILE
@@ -256,7 +326,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {meta.get('format')}, expected {FORMAT_VERSION}")
     if meta.get("layout") == "dcp":
-        return Checkpoint(int(meta["step"]), path, _read_sharded(path, meta), meta)
+        _verify_sharded(path, meta)
+        return Checkpoint(int(meta["step"]), path, meta)
     tensors = {}
     for name in (*TENSOR_FILES, *(n for n in OPTIONAL_TENSOR_FILES if n in meta.get("sha256", {}))):
         file = path / f"{name}.safetensors"
@@ -265,7 +336,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         if _sha256(file) != meta["sha256"].get(name):
             raise CheckpointError(f"{file} is truncated or corrupt (SHA-256 mismatch)")
         tensors[name] = load_file(str(file))
-    return Checkpoint(int(meta["step"]), path, tensors, meta)
+    return Checkpoint(int(meta["step"]), path, meta, tensors)
 
 
 def latest_checkpoint(run_dir: Path, log=print, quarantine: bool = False) -> Checkpoint | None:

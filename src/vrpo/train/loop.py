@@ -26,15 +26,14 @@ from vrpo.errors import ConfigError, PeerLost
 from vrpo.eval.training import TrainingEvaluator
 from vrpo.models import DiffusionTransformer, build_model
 from vrpo.objectives import Batch, build_objective
-from vrpo.runs import load_run_config, read_metrics
+from vrpo.runs import latest_checkpoint, load_run_config, read_metrics
 from vrpo.runs.checkpoint import (
-    CheckpointError,
+    Checkpoint,
     clean_temporaries,
     imported_from,
-    latest_checkpoint,
     restore_rng,
+    restore_state,
     save_checkpoint,
-    unflatten_optimizer,
 )
 from vrpo.train.ema import ema_decay, make_ema, trainable_state, update_ema, update_ema_tensors
 from vrpo.train.logging import RunLogger
@@ -194,17 +193,19 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay, fused=o.fused or None)  # fmt: skip
         self.step, self.skipped, self.consecutive_bad = 0, 0, 0
-        self._restore()
+        unused = cfg.objective.leaves_parameters_unused()  # made before the restore: it decides how to read
+        self.parallel = make_parallel(t.parallel, self.world, self.device, unused, t.fsdp_precision)
+        shards = self._restore()  # a sharded checkpoint into a sharded run: read after sharding, rank by rank
         self.model.checkpoint_activations = t.activation_checkpointing
         if t.compile:  # block by block, in place: parameter names, checkpoints and the EMA stay as they are
             for block in self.model.blocks:
                 block.compile(backend=t.compile_backend)
-        unused = cfg.objective.leaves_parameters_unused()
-        self.parallel = make_parallel(t.parallel, self.world, self.device, unused, t.fsdp_precision)
         self.train_step, self.optimizer = self.parallel.wrap(
             TrainStep(self.model, self.objective), self.model, self.ema, self.optimizer, self.trainable
         )
         self.params = self.trainable()  # sharded now, under FSDP2
+        if shards is not None:
+            self._load(shards)
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast = (
             (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
@@ -219,31 +220,30 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
 
-    def _restore(self) -> None:
+    def _restore(self) -> Checkpoint | None:
+        """Resume from the newest good checkpoint; one to read after sharding is returned instead."""
         ckpt = latest_checkpoint(self.run_dir, log=lambda *_: None)
         if ckpt is None:
-            return
+            return None
         if ckpt.meta.get("data_fingerprint") != self.data.fingerprint:
             raise ConfigError(
                 f"the training data changed since {ckpt.path} was written (fingerprint "
                 f"{ckpt.meta.get('data_fingerprint')} -> {self.data.fingerprint}): resuming would not repeat the "
                 "same steps; use a new --out"
             )
-        self.model.load_state_dict(ckpt.tensors["model"])
-        self.ema.load_state_dict(ckpt.tensors["ema"])
-        if self.ema_heads is not None:
-            if "ema_heads" not in ckpt.tensors or ckpt.tensors["ema_heads"].keys() != self.ema_heads.keys():
-                raise CheckpointError(f"{ckpt.path} holds no EMA of this objective's heads (train.ema_heads=true)")
-            for name, value in ckpt.tensors["ema_heads"].items():
-                self.ema_heads[name].copy_(value)
-        self.objective.load_state_dict(ckpt.tensors["objective"])
-        self.optimizer.load_state_dict(unflatten_optimizer(ckpt.tensors["optimizer"], ckpt.meta["optimizer"]))
-        restore_rng(ckpt.tensors["rng"], ckpt.meta["rng"])
+        if not (later := ckpt.sharded and self.parallel.sharded):
+            self._load(ckpt)
+        restore_rng(ckpt.rng(), ckpt.meta["rng"])
         self.step = ckpt.step
         self.skipped = ckpt.meta["skipped_steps"]
         self.consecutive_bad = ckpt.meta["consecutive_nonfinite"]
         if self.main:
             print(f"resuming {self.run_dir} from step {self.step} ({ckpt.path.name})")
+        return ckpt if later else None
+
+    def _load(self, ckpt: Checkpoint) -> None:
+        modules = {"model": self.model, "ema": self.ema, "objective": self.objective}
+        restore_state(ckpt, modules, self.ema_heads, self.optimizer, shards=ckpt.sharded and self.parallel.sharded)
 
     def save(self) -> None:
         if self.main or self.parallel.sharded:  # sharded: every rank writes its shards
