@@ -6,6 +6,7 @@ resume bit-identically."""
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,8 @@ from vrpo.runs.checkpoint import step_dirs
 from vrpo.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
+# one thread per rank; a rank that aborts in native code (SIGABRT) dumps its Python stack
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 ALIGN = ["objective.projector_width=64", "objective.encoder_input_size=64", "objective.feature_cache=null"]
 CASES = {  # method -> (config, overrides)
     "sit": ("configs/fmnist/sit-t2.yaml", []),
@@ -58,9 +61,8 @@ def test_two_ranks_match_one_process_with_accumulation(tmp_path, tiny_overrides,
             str(ROOT / config), "--out", str(tmp_path / "ddp")]  # fmt: skip
     for item in [*tiny_overrides, *steps]:
         args += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=ENV)
+    assert done.returncode == 0, rank_errors(done.stderr)
     assert done.stdout.count("done: 5 steps") == 1  # rank 0 alone reports
 
     single = load_config(str(ROOT / config), [*tiny_overrides, *steps, "train.grad_accum=2"])
@@ -88,8 +90,8 @@ def test_two_ranks_match_one_process_with_accumulation(tmp_path, tiny_overrides,
 
         args = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "vrpo.cli", "--", "eval", "--run",
                 str(tmp_path / "ddp"), "--num", "12", "--batch-size", "4", "--timesteps", "0.5"]  # fmt: skip
-        done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
-        assert done.returncode == 0, done.stderr[-2000:]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=ENV)
+        assert done.returncode == 0, rank_errors(done.stderr)
         (line,) = done.stdout.splitlines()  # rank 0 alone prints
         spread = json.loads(line)
         one = evaluate_representations(tmp_path / "ddp", num=12, batch_size=4, timesteps=(0.5,))
@@ -104,14 +106,22 @@ def test_two_ranks_match_one_process_with_accumulation(tmp_path, tiny_overrides,
         args = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "vrpo.cli", "--", "sample", "--run",
                 str(tmp_path / "ddp"), "--num", "10", "--batch-size", "3", "--out",
                 str(tmp_path / "ddp.npz")]  # fmt: skip
-        done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
-        assert done.returncode == 0, done.stderr[-2000:]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=ENV)
+        assert done.returncode == 0, rank_errors(done.stderr)
         assert done.stdout.count("wrote 10 samples") == 1
         sample_run(tmp_path / "ddp", 10, tmp_path / "one.npz", batch_size=4, progress=False)
         with np.load(tmp_path / "ddp.npz") as a, np.load(tmp_path / "one.npz") as b:
             assert np.array_equal(a["arr_1"], b["arr_1"])
             assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1
             assert a["arr_0"].std() > 10  # real samples, not a constant
+
+
+def rank_errors(stderr: str) -> str:
+    """What the ranks printed before torchrun's own failure report, which otherwise fills the tail."""
+    ranks = re.split(
+        r"^\S+ \S+ \d+ \S*torch/distributed/elastic/multiprocessing/api\.py", stderr, maxsplit=1, flags=re.M
+    )[0]
+    return ranks[-3000:] + "\n[torchrun] " + stderr[-600:]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -145,12 +155,11 @@ def test_a_killed_rank_stops_the_run_in_one_line_and_sigkilled_runs_resume_exact
                 str(ROOT / "configs/fmnist/sit-t2.yaml"), "--out", str(out)]  # fmt: skip
         for item in [*tiny_overrides, *steps]:
             args += ["--set", item]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                                 start_new_session=True)  # fmt: skip
 
     straight = launch(tmp_path / "straight")
-    assert straight.wait(timeout=600) == 0, straight.stderr.read()[-2000:]
+    assert straight.wait(timeout=600) == 0, rank_errors(straight.stderr.read())
     run = tmp_path / "killed"
     first = launch(run)
     _wait_for_checkpoint(run, 5, first)
@@ -170,7 +179,7 @@ def test_a_killed_rank_stops_the_run_in_one_line_and_sigkilled_runs_resume_exact
     os.killpg(second.pid, signal.SIGKILL)
     second.wait(timeout=60)
     third = launch(run)
-    assert third.wait(timeout=600) == 0, third.stderr.read()[-2000:]
+    assert third.wait(timeout=600) == 0, rank_errors(third.stderr.read())
     for part in ("model", "ema", "optimizer"):
         a = load_file(str(step_dirs(tmp_path / "straight")[0] / f"{part}.safetensors"))
         b = load_file(str(step_dirs(run)[0] / f"{part}.safetensors"))
@@ -217,10 +226,8 @@ def test_fsdp2_equals_one_process_and_its_sharded_checkpoints_load_either_way(tm
     def torchrun(out: Path, sets: list[str]) -> None:
         args = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "vrpo.cli", "train", "--config", config,
                 "--out", str(out), *(a for item in sets for a in ("--set", item))]  # fmt: skip
-        done = subprocess.run(
-            args, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=ENV)
+        assert done.returncode == 0, rank_errors(done.stderr)
 
     def same(a: Path, b: Path) -> None:
         first, second = latest_checkpoint(a), latest_checkpoint(b)

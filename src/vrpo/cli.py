@@ -21,7 +21,7 @@ from vrpo.study import load_study, run_study, write_report
 from vrpo.train import TrainingDiverged, train
 from vrpo.train.stopping import TrainingStopped
 from vrpo.transport.noising import SAMPLERS
-from vrpo.utils.dist import init_distributed, is_main, rank_and_world
+from vrpo.utils.dist import close_distributed, init_distributed, is_main, rank_and_world
 
 
 def _train(args) -> int:
@@ -399,7 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        if code == 0:  # a failing rank exits at once: its peers learn of it through their own collectives
+            close_distributed()
+        return code
     except (
         ConfigError,
         DataError,

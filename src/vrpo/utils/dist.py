@@ -27,6 +27,15 @@ def init_distributed(device: str, timeout_s: float = 600.0) -> tuple[int, int, t
     return rank, world, torch.device("cpu")
 
 
+def close_distributed() -> None:
+    """After a command succeeded: every rank reaches the end, then the process group is torn down
+    explicitly. Left to the interpreter's exit, gloo's teardown can abort a rank (SIGABRT) whose
+    peers are still writing."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
