@@ -138,7 +138,7 @@ def test_pathwise_term_is_lambda_w_times_the_rewards_and_coefficients_are_logged
     (denoise + align).backward()
     w = vrpo.weights()
     expected = -sum(vrpo.options.lambda_0 * float(w[j]) * float(logs[f"r_{k}"]) for j, k in enumerate(vrpo.rewards))
-    assert float(align) == pytest.approx(expected, rel=1e-5)
+    assert float(align.detach()) == pytest.approx(expected, rel=1e-5)
     for j, k in enumerate(vrpo.rewards):
         assert float(logs[f"coef_{k}"]) == pytest.approx(vrpo.options.lambda_0 * float(w[j]), rel=1e-6)
     assert -1.0 <= float(logs["pw_t_corr"]) <= 1.0

@@ -175,12 +175,14 @@ class Trainer:
         self.conditional = not cfg.data.unconditional
         num_classes = self.data.num_classes if self.conditional else 0
 
+        unused = cfg.objective.leaves_parameters_unused()  # made before the build: it decides where to build
+        self.parallel = make_parallel(t.parallel, self.world, self.device, unused, t.fsdp_precision)
         # Seeded separately so that every method with this seed starts from the same network.
         torch.manual_seed(t.seed)
         self.build_model = lambda: build_model(  # noqa: E731 (also the whole EMA's shape when sharded)
             cfg.model.arch, self.data.resolution, self.data.channels, num_classes, **cfg.model.build_options()
         )
-        self.model = self.build_model().to(self.device)
+        self.model = self.build_model().to(self.parallel.build_device)  # FSDP2: the host until sharded
         torch.manual_seed(t.seed + 1)
         self.objective = build_objective(cfg, self.model, self.data).to(self.device)
         self.ema = make_ema(self.model)
@@ -193,8 +195,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay, fused=o.fused or None)  # fmt: skip
         self.step, self.skipped, self.consecutive_bad = 0, 0, 0
-        unused = cfg.objective.leaves_parameters_unused()  # made before the restore: it decides how to read
-        self.parallel = make_parallel(t.parallel, self.world, self.device, unused, t.fsdp_precision)
         shards = self._restore()  # a sharded checkpoint into a sharded run: read after sharding, rank by rank
         self.model.checkpoint_activations = t.activation_checkpointing
         if t.compile:  # block by block, in place: parameter names, checkpoints and the EMA stay as they are

@@ -23,6 +23,7 @@ class Replicated:
 
     def __init__(self, world: int, device: torch.device, find_unused: bool):
         self.world, self.device, self.find_unused = world, device, find_unused
+        self.build_device = device  # where the network and its EMA are built and restored
 
     def wrap(self, train_step: torch.nn.Module, model, ema, optimizer, trainable: Callable[[], list]):
         """(the module to call for a step, the optimizer over the parameters as they now are);
@@ -59,6 +60,9 @@ class Sharded(Replicated):
 
     def __init__(self, world: int, device: torch.device, precision: str):
         super().__init__(world, device, find_unused=False)
+        # fully_shard moves each unit's parameters to the mesh's device as it shards them: built on the
+        # host, the whole network and EMA never sit on the accelerator (at most one block whole at a time)
+        self.build_device = torch.device("cpu")
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
