@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vrpo.config import load_config
+from vrpo.runs import checkpoint
 from vrpo.runs.checkpoint import step_dirs
 from vrpo.train import TrainingDiverged, train
 
@@ -166,6 +167,26 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_overri
     reference = tmp_path / "reference"
     train(tiny_cfg(tiny_overrides, "train.max_steps=6", "train.ckpt_every=2"), reference)
     assert_bit_identical(final_weights(reference), final_weights(tmp_path / "run"))
+
+
+def test_rank_0_alone_verifies_the_checkpoint_the_others_read_the_one_it_chose(tmp_path, tiny_overrides, monkeypatch):
+    train(tiny_cfg(tiny_overrides, "train.max_steps=4", "train.ckpt_every=2"), tmp_path / "run")
+    newest = step_dirs(tmp_path / "run")[0]
+    weights = newest / "model.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[-1] ^= 1  # same size, another value: only its hash tells
+    weights.write_bytes(bytes(damaged))
+
+    def hashed(path):
+        raise AssertionError(f"{path} hashed on a rank other than 0")
+
+    with monkeypatch.context() as other_rank:  # rank 0 named step 4: read as it is, no hash
+        other_rank.setattr(checkpoint, "is_main", lambda: False)
+        other_rank.setattr(checkpoint, "broadcast_object", lambda value: str(newest))
+        other_rank.setattr(checkpoint, "_sha256", hashed)
+        assert checkpoint.agreed_checkpoint(tmp_path / "run").step == 4
+    chosen = checkpoint.agreed_checkpoint(tmp_path / "run")  # rank 0 (one process): it verifies
+    assert chosen.step == 2 and (tmp_path / "run/checkpoints/damaged_step_00000004").is_dir()
 
 
 def test_resume_refuses_a_different_config(tmp_path, tiny_overrides):

@@ -400,9 +400,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-        if code == 0:  # a failing rank exits at once: its peers learn of it through their own collectives
-            close_distributed()
-        return code
     except (
         ConfigError,
         DataError,
@@ -416,12 +413,26 @@ def main(argv: list[str] | None = None) -> int:
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except TrainingStopped as stop:  # a signal: the loop wrote its checkpoint first
+    except TrainingStopped as stop:  # a signal: the loop wrote its checkpoint first, on every rank together
         print(f"error: {stop}", file=sys.stderr)
-        return 128 + stop.signum
+        code = 128 + stop.signum
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+    return _close(code)
+
+
+def _close(code: int) -> int:
+    """The ranks that reached the end together wait for each other, then tear the group down (a failing
+    rank exits at once instead: its peers learn of it through their own collectives)."""
+    try:
+        close_distributed()
+    except RuntimeError as err:  # torch's DistBackendError: a peer never reached the end
+        rank = rank_and_world()[0]
+        print(f"error: rank {rank}: its command ended, a peer's did not ({str(err).splitlines()[0][:160]})",
+              file=sys.stderr)  # fmt: skip
+        return code or 1
+    return code
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from vrpo.utils.dist import barrier, broadcast_object, is_main
+
 STATE_FILE = "state.json"
 TENSOR_FILES = ("model", "ema", "objective", "optimizer", "rng")
 OPTIONAL_TENSOR_FILES = ("ema_heads",)  # written only by runs that keep them (train.ema_heads)
@@ -220,8 +222,6 @@ def _publish(tmp: Path, run_dir: Path, step: int, state: dict, keep_last: int) -
 def _save_sharded(run_dir: Path, step: int, groups: dict, rng: dict, state: dict, keep_last: int) -> Path:
     import torch.distributed.checkpoint as dcp
 
-    from vrpo.utils.dist import barrier, broadcast_object, is_main
-
     # one folder for every rank, named by rank 0: a stale writer of the same step never shares it
     tmp = checkpoint_dir(run_dir) / broadcast_object(f".tmp_step_{step:08d}_{os.getpid()}_{time.time_ns()}")
     if is_main():
@@ -316,8 +316,9 @@ def restore_state(ckpt: Checkpoint, modules: dict, ema_heads: dict | None, optim
     optimizer.load_state_dict(state)
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
-    """Read and verify one checkpoint folder; raises CheckpointError naming what is wrong."""
+def read_checkpoint(path: Path, verify: bool = True) -> Checkpoint:
+    """Read and verify one checkpoint folder; raises CheckpointError naming what is wrong. ``verify=False``
+    skips the hashes, for a folder another rank has just verified."""
     state_path = path / STATE_FILE
     try:
         meta = json.loads(state_path.read_text())
@@ -326,14 +327,15 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {meta.get('format')}, expected {FORMAT_VERSION}")
     if meta.get("layout") == "dcp":
-        _verify_sharded(path, meta)
+        if verify:
+            _verify_sharded(path, meta)
         return Checkpoint(int(meta["step"]), path, meta)
     tensors = {}
     for name in (*TENSOR_FILES, *(n for n in OPTIONAL_TENSOR_FILES if n in meta.get("sha256", {}))):
         file = path / f"{name}.safetensors"
         if not file.is_file():
             raise CheckpointError(f"{file} is missing")
-        if _sha256(file) != meta["sha256"].get(name):
+        if verify and _sha256(file) != meta["sha256"].get(name):
             raise CheckpointError(f"{file} is truncated or corrupt (SHA-256 mismatch)")
         tensors[name] = load_file(str(file))
     return Checkpoint(int(meta["step"]), path, meta, tensors)
@@ -360,6 +362,14 @@ def latest_checkpoint(run_dir: Path, log=print, quarantine: bool = False) -> Che
     if candidates:
         raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(run_dir)}: " + "; ".join(problems))
     return None
+
+
+def agreed_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest good checkpoint, chosen and verified by rank 0 alone (damaged ones moved aside); the
+    other ranks read the folder it names without hashing it again (an XL checkpoint is about 11 GB)."""
+    found = latest_checkpoint(run_dir, quarantine=True) if is_main() else None
+    path = broadcast_object(None if found is None else str(found.path))
+    return found if is_main() or path is None else read_checkpoint(Path(path), verify=False)
 
 
 def load_weights(run_dir: Path, which: str = "ema", step: int | None = None) -> tuple[dict[str, torch.Tensor], int]:

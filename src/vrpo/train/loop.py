@@ -29,6 +29,7 @@ from vrpo.objectives import Batch, build_objective
 from vrpo.runs import latest_checkpoint, load_run_config, read_metrics
 from vrpo.runs.checkpoint import (
     Checkpoint,
+    agreed_checkpoint,
     clean_temporaries,
     imported_from,
     restore_rng,
@@ -169,7 +170,6 @@ class Trainer:
         if self.main:
             prepare_run_dir(cfg, self.run_dir)
             clean_temporaries(self.run_dir)
-            latest_checkpoint(self.run_dir, quarantine=True)  # damaged ones moved aside before any rank reads
         barrier()
         self.data = load_dataset(cfg.data)
         self.conditional = not cfg.data.unconditional
@@ -222,7 +222,7 @@ class Trainer:
 
     def _restore(self) -> Checkpoint | None:
         """Resume from the newest good checkpoint; one to read after sharding is returned instead."""
-        ckpt = latest_checkpoint(self.run_dir, log=lambda *_: None)
+        ckpt = agreed_checkpoint(self.run_dir)  # rank 0 verifies (and moves damaged ones aside)
         if ckpt is None:
             return None
         if ckpt.meta.get("data_fingerprint") != self.data.fingerprint:

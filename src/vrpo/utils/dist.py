@@ -28,12 +28,14 @@ def init_distributed(device: str, timeout_s: float = 600.0) -> tuple[int, int, t
 
 
 def close_distributed() -> None:
-    """After a command succeeded: every rank reaches the end, then the process group is torn down
-    explicitly. Left to the interpreter's exit, gloo's teardown can abort a rank (SIGABRT) whose
-    peers are still writing."""
+    """At a command's end: every rank reaches it (within the group's timeout), then the process group is
+    torn down explicitly. Left to the interpreter's exit, gloo's teardown can abort a rank (SIGABRT)
+    whose peers are still writing."""
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def is_main() -> bool:
