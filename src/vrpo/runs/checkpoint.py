@@ -303,12 +303,12 @@ def restore_state(ckpt: Checkpoint, modules: dict, ema_heads: dict | None, optim
     groups = {name: module.state_dict() for name, module in modules.items()}
     if ema_heads is not None:
         groups["ema_heads"] = ema_heads
-    if shards:
+    if shards:  # a head EMA the checkpoint lacks is among the tensors it names as missing
         state = _load_shards(ckpt, groups, [p for group in optimizer.param_groups for p in group["params"]])
     else:
         groups, state = ckpt.tensors, unflatten_optimizer(ckpt.tensors["optimizer"], ckpt.meta["optimizer"])
-    if ema_heads is not None and groups.get("ema_heads", {}).keys() != ema_heads.keys():
-        raise CheckpointError(f"{ckpt.path} holds no EMA of this objective's heads (train.ema_heads=true)")
+        if ema_heads is not None and groups.get("ema_heads", {}).keys() != ema_heads.keys():
+            raise CheckpointError(f"{ckpt.path} holds no EMA of this objective's heads (train.ema_heads=true)")
     for name, module in modules.items():
         module.load_state_dict(groups[name])
     for name, value in groups.get("ema_heads", {}).items() if ema_heads is not None else ():
