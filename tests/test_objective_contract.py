@@ -113,6 +113,8 @@ def test_finite_loss_and_gradients_deterministic_per_generator(name, family):
     # what a comparison reports beside a gain: every method that aligns to an encoder has one
     assert bool(coefficients) or objective.alignment is None
     assert all(isinstance(v, float) and v >= 0.0 for v in coefficients.values())
+    schedule = cfg.objective.alignment_schedule({k: float(v) for k, v in first.logs.items()})
+    assert all(isinstance(v, float) for v in schedule.values()) and (not schedule or coefficients)
     again, grads_again = loss_and_grads(model, objective, batch, step_generator(3, 1))
     other, _ = loss_and_grads(model, objective, batch, step_generator(3, 2))
     assert torch.isfinite(first.loss) and all(torch.isfinite(torch.as_tensor(v)).all() for v in first.logs.values())

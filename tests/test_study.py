@@ -1,4 +1,5 @@
 import json
+import math
 import re
 
 import pytest
@@ -61,6 +62,9 @@ def test_study_runs_paired_seeds_resumes_and_reports(tmp_path):
         and "| sit |" not in text.split("## Alignment coefficients")[1].split("##")[0]
     )
     assert (tmp_path / "report-coefficients.png").is_file()
+    # the report shows its plots inline, below the final table
+    assert "![report](report.png)" in text and "![report-coefficients](report-coefficients.png)" in text
+    assert text.index("![report](report.png)") < text.index("## Alignment coefficients")
     # paired: both methods of a seed start from the same network
     from safetensors.torch import load_file
 
@@ -116,6 +120,8 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
     assert (tmp_path / "report.md").read_text() == text
     index = (tmp_path / "results.md").read_text()
     assert index.count("<!-- study:tiny -->") == 1 and "Hand-written notes stay." in index
+    block = index.split("<!-- study:tiny -->")[1].split("<!-- /study:tiny -->")[0]
+    assert "![report](report.png)" in block and "![report-coefficients](report-coefficients.png)" in block
     # another study with a run of the same resolved config reuses that run's archive, also when it was
     # archived by an earlier version, before keys with behaviour-keeping defaults existed
     import yaml
@@ -244,7 +250,18 @@ def test_one_seed_has_no_interval():
 
     mean, half = mean_ci([4.0])
     assert mean == 4.0 and _interval(mean, half, ".2f") == "-"
-    assert _interval(1.2, 0.1, ".3f", "x") == "[x1.100, x1.300]" and _interval(-2.0, 1.0, ".1f") == "[-3.0, -1.0]"
+    assert _interval(-2.0, 1.0, ".1f") == "[-3.0, -1.0]"
+
+
+def test_ratio_interval_is_geometric_and_stays_positive():
+    from vrpo.study.statistics import ratio_ci
+
+    center, low, high = ratio_ci([2.0, 0.5])
+    assert center == pytest.approx(1.0) and 0.0 < low < 0.5 and high == pytest.approx(1.0 / low)
+    # a spread that an arithmetic interval would take below zero (the report once printed x-1.643)
+    center, low, high = ratio_ci([0.6, 1.8])
+    assert low > 0.0 and center == pytest.approx((0.6 * 1.8) ** 0.5)
+    assert math.isnan(ratio_ci([1.1])[1])
 
 
 def test_defer_final_leaves_the_final_evaluation_for_a_later_call(tmp_path):

@@ -151,6 +151,11 @@ def test_pathwise_term_is_lambda_w_times_the_rewards_and_coefficients_are_logged
     assert derived == pytest.approx({k: record[f"coef_{k}"] for k in vrpo.rewards}, rel=1e-6)
     no_pathwise = build(model, data, "objective.pathwise=false").options  # the rewards then reach only the heads
     assert no_pathwise.alignment_coefficients(record) == dict.fromkeys(vrpo.rewards, 0.0)
+    # what those coefficients are made of, for the report's plot of them over training
+    schedule = vrpo.options.alignment_schedule(record)
+    expected = {"lambda_s": record["lambda_s"], **{f"w_{k}": float(w[j]) for j, k in enumerate(vrpo.rewards)}}
+    assert schedule == pytest.approx(expected, rel=1e-6)
+    assert vrpo.options.alignment_schedule({"step": 1}) == {}
 
 
 def test_runs_saved_before_version_2_read_as_version_1():

@@ -10,6 +10,8 @@ and synchronised with the network. What a caller may ask of it:
   options encoding on the fly (held-out images are not in a training cache);
   ``alignment_coefficients(record)`` what multiplies each alignment term of the loss in a
   logged training record (the effective coefficient a comparison reports beside a gain);
+  ``alignment_schedule(record)`` the adaptive quantities that coefficient is made of (VRPO's
+  lambda_s and reward weights), for the report's plot of them over training;
   ``from_saved`` reads a run folder's saved section written by an earlier version;
   ``model_defaults`` the network variant it needs (REG's global token).
 - ``noising`` (and ``family``): the forward process it trains on, from the config's model
@@ -80,6 +82,11 @@ class ObjectiveOptions:
     def alignment_coefficients(self, record: dict[str, float]) -> dict[str, float]:
         """{alignment term: the coefficient on it in the loss} for one record of the training log;
         {} for a method that aligns nothing (or a record that does not say)."""
+        return {}
+
+    def alignment_schedule(self, record: dict[str, float]) -> dict[str, float]:
+        """{name: value} of what the method adapts during training to make its coefficients (a
+        scale, per-term weights) in one logged record; {} where they are fixed."""
         return {}
 
 

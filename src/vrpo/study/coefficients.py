@@ -11,12 +11,13 @@ import numpy as np
 from vrpo.study.statistics import mean_ci
 
 
-def terms_of(data) -> list[str]:
-    """The alignment terms any run of the study logs, in first-seen order."""
+def terms_of(data, curves: str = "coefficients") -> list[str]:
+    """The names any run of the study logs in its ``curves`` (``coefficients``: the alignment terms;
+    ``schedule``: the adaptive quantities behind them), in first-seen order."""
     seen: dict[str, None] = {}
     for runs in data.values():
         for record in runs.values():
-            seen.update(dict.fromkeys(record.coefficients))
+            seen.update(dict.fromkeys(getattr(record, curves)))
     return list(seen)
 
 
@@ -55,32 +56,37 @@ def coefficient_lines(data) -> list[str]:
 
 
 def plot_coefficients(data, title: str, out: Path) -> Path | None:
-    """One panel per alignment term: each method's coefficient against steps, mean over its seeds."""
-    terms = terms_of(data)
-    if not terms:
+    """Top row, one panel per alignment term: each method's coefficient against steps; bottom row
+    (where a method adapts them), what it is made of: lambda_s and each weight w_k. Means over seeds."""
+    rows = [(curves, terms) for curves in ("coefficients", "schedule") if (terms := terms_of(data, curves))]
+    if not rows:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(terms), figsize=(5 * len(terms), 3.8), squeeze=False)
+    width = max(len(terms) for _, terms in rows)
+    fig, axes = plt.subplots(len(rows), width, figsize=(5 * width, 3.8 * len(rows)), squeeze=False)
     colors = {m: f"C{i}" for i, m in enumerate(data)}  # the report's colours
-    for ax, term in zip(axes[0], terms):
-        for m, runs in data.items():
-            per_step: dict[int, list[float]] = {}
-            for record in runs.values():
-                for st, v in record.coefficients.get(term, []):
-                    per_step.setdefault(st, []).append(v)
-            if per_step:
-                steps = sorted(per_step)
-                ax.plot(steps, [np.mean(per_step[st]) for st in steps], label=m, color=colors[m])
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"coefficient on {term}")
-        ax.set_yscale("symlog", linthresh=1e-3)  # collapsed weights (1e-6) and v1's scale (~4) on one axis
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{title}: effective alignment coefficients (mean over seeds)")
+    for row, (curves, terms) in enumerate(rows):
+        for ax in axes[row][len(terms) :]:
+            ax.set_visible(False)
+        for ax, name in zip(axes[row], terms):
+            for m, runs in data.items():
+                per_step: dict[int, list[float]] = {}
+                for record in runs.values():
+                    for st, v in getattr(record, curves).get(name, []):
+                        per_step.setdefault(st, []).append(v)
+                if per_step:
+                    steps = sorted(per_step)
+                    ax.plot(steps, [np.mean(per_step[st]) for st in steps], label=m, color=colors[m])
+            ax.set_xlabel("step")
+            ax.set_ylabel(f"coefficient on {name}" if curves == "coefficients" else name)
+            ax.set_yscale("symlog", linthresh=1e-3)  # collapsed weights (1e-6) and v1's scale (~155) on one axis
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: effective alignment coefficients, and lambda_s and the weights (mean over seeds)")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

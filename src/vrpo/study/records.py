@@ -29,6 +29,8 @@ class RunRecord:
     log: list[dict] = field(default_factory=list)  # the training log's records
     # alignment term -> [(step, the coefficient on it in the loss)], from the log through the objective
     coefficients: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    # adaptive quantity (lambda_s, w_k) -> [(step, value)], likewise
+    schedule: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     def value(self, key: str, step: int | None = None):
         """An evaluation metric at ``step`` (default: the last step that has it), a representation
@@ -75,12 +77,13 @@ def training_wall_s(folder: Path, log: list[dict]) -> float:
     return total
 
 
-def coefficient_curves(options, log: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """alignment term -> [(step, coefficient)] of a run's training log (``options``: its objective's)."""
+def logged_curves(read, log: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """name -> [(step, value)] of a run's training log, ``read`` (an objective's
+    ``alignment_coefficients`` or ``alignment_schedule``) naming the values in one record."""
     curves: dict[str, list[tuple[int, float]]] = {}
     for record in log:
-        for term, value in options.alignment_coefficients(record).items():
-            curves.setdefault(term, []).append((record["step"], float(value)))
+        for name, value in read(record).items():
+            curves.setdefault(name, []).append((record["step"], float(value)))
     return curves
 
 
@@ -100,7 +103,8 @@ def read_run(folder: Path, cfg: Config | None) -> RunRecord:
         wall_s=training_wall_s(folder, log),
         representations=json.loads(reps.read_text()) if reps.is_file() else {},
         log=log,
-        coefficients=coefficient_curves(cfg.objective, log) if cfg is not None else {},
+        coefficients=logged_curves(cfg.objective.alignment_coefficients, log) if cfg is not None else {},
+        schedule=logged_curves(cfg.objective.alignment_schedule, log) if cfg is not None else {},
     )
 
 

@@ -12,7 +12,7 @@ from vrpo.study.coefficients import coefficient_lines, plot_coefficients
 from vrpo.study.records import RETENTION_MIN_RA, collect, measured_steps
 from vrpo.study.selection import selection_lines
 from vrpo.study.spec import StudySpec
-from vrpo.study.statistics import mean_ci, steps_to_reach, verdict
+from vrpo.study.statistics import mean_ci, ratio_ci, steps_to_reach, verdict
 
 
 def _fmt(mean: float, half: float, n: int, fmt: str = ".2f") -> str:
@@ -28,12 +28,18 @@ def _number_format(key: str) -> str:
     return ".4f" if key.startswith(("ra", "cknna", "transfer")) and key != "ra_retention" else ".2f"
 
 
-def _interval(mean: float, half: float, fmt: str, prefix: str = "") -> str:
-    """[low, high] of a 95 % interval; "-" where one seed gives none."""
+def _interval(mean: float, half: float, fmt: str) -> str:
+    """[low, high] of a 95 % interval of a difference; "-" where one seed gives none."""
     if math.isnan(half):
         return "-"
-    sign = "" if prefix else "+"
-    return f"[{prefix}{mean - half:{sign}{fmt}}, {prefix}{mean + half:{sign}{fmt}}]"
+    return f"[{mean - half:+{fmt}}, {mean + half:+{fmt}}]"
+
+
+def _ratio_cells(ratios: list[float], fmt: str) -> str:
+    """ "x{geometric mean} | [x{low}, x{high}]" of per-seed ratios ("-" for the interval of one seed)."""
+    center, low, high = ratio_ci(ratios)
+    interval = "-" if math.isnan(low) else f"[x{low:{fmt}}, x{high:{fmt}}]"
+    return f"x{center:{fmt}} | {interval}"
 
 
 def paired(
@@ -94,11 +100,7 @@ def final_table(spec: StudySpec, data) -> list[str]:
             if data[m][s].seconds_per_step and data[ref][s].seconds_per_step
         ]
         if ratios:  # a ratio, not a difference
-            mean, half = mean_ci(ratios)
-            lines.append(
-                f"| {m} | {ref} | s/step ratio | x{mean:.3f} | {_interval(mean, half, '.3f', 'x')} | {len(ratios)} "
-                "| - |"
-            )
+            lines.append(f"| {m} | {ref} | s/step ratio | {_ratio_cells(ratios, '.3f')} | {len(ratios)} | - |")
     return lines
 
 
@@ -116,8 +118,8 @@ def speedup_against(spec: StudySpec, data, ref: str) -> list[str]:
         "(linear between evaluations); speed-up = final step / that step. 'not reached' runs are counted, not "
         "averaged.",
         "",
-        "| method | speed-up (mean +- 95 %) | seeds reached | per seed |",
-        "| --- | --- | --- | --- |",
+        "| method | speed-up (geometric mean) | 95 % interval | seeds reached | per seed |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for m in (m for m in spec.methods if m != ref):
         ratios, per_seed = [], []
@@ -131,8 +133,8 @@ def speedup_against(spec: StudySpec, data, ref: str) -> list[str]:
             if reached:
                 ratios.append(final_step / reached)
         if per_seed:
-            cell = _fmt(*mean_ci(ratios), len(ratios)) if ratios else "-"
-            lines.append(f"| {m} | {cell} | {len(ratios)}/{len(per_seed)} | {'; '.join(per_seed)} |")
+            cells = _ratio_cells(ratios, ".2f") if ratios else "- | -"
+            lines.append(f"| {m} | {cells} | {len(ratios)}/{len(per_seed)} | {'; '.join(per_seed)} |")
     return lines + [""]
 
 
@@ -180,22 +182,33 @@ def write_report(spec: StudySpec) -> Path:
         "Per-run files: the archive beside this report (config, metrics.jsonl, log.jsonl, representations.json).",
         "Regenerate with `vrpo study --config STUDY.yaml --report-only`.",
     ]
+    plots = [
+        _plot(spec, data, report.with_suffix(".png")),
+        plot_coefficients(data, spec.name, report.with_name(f"{report.stem}-coefficients.png")),
+    ]
+    plots = [p for p in plots if p is not None]
+    # inline, so that the report (and the index's block) shows its curves and coefficients
+    figures = [f"![{p.stem}]({p.name})" for p in plots]
+    lines[len(head) + len(summary) : len(head) + len(summary)] = ["", *figures] if figures else []
     report.write_text("\n".join(lines) + "\n")
-    _plot(spec, data, report.with_suffix(".png"))
-    plot_coefficients(data, spec.name, report.with_name(f"{report.stem}-coefficients.png"))
     if spec.index:
-        update_index(Path(spec.index), spec, summary, report)
+        update_index(Path(spec.index), spec, summary, report, plots)
     return report
 
 
-def update_index(index: Path, spec: StudySpec, summary: list[str], report: Path) -> None:
+def _relative(path: Path, folder: Path) -> Path:
+    try:
+        return path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return path
+
+
+def update_index(index: Path, spec: StudySpec, summary: list[str], report: Path, plots: list[Path] = ()) -> None:
     """Replace (or append) this study's block in the results index; the rest of the file is left as written."""
     begin, end = f"<!-- study:{spec.name} -->", f"<!-- /study:{spec.name} -->"
-    try:
-        link = report.resolve().relative_to(index.resolve().parent)
-    except ValueError:
-        link = report
-    block = "\n".join([begin, f"### Study `{spec.name}` ([report]({link}))", "", *summary, "", end])
+    link = _relative(report, index.parent)
+    figures = [f"![{p.stem}]({_relative(p, index.parent)})\n" for p in plots]
+    block = "\n".join([begin, f"### Study `{spec.name}` ([report]({link}))", "", *summary, "", *figures, end])
     text = index.read_text() if index.is_file() else "# Results\n"
     if begin in text and end in text:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
@@ -205,7 +218,7 @@ def update_index(index: Path, spec: StudySpec, summary: list[str], report: Path)
     index.write_text(text)
 
 
-def _plot(spec: StudySpec, data, out: Path) -> None:
+def _plot(spec: StudySpec, data, out: Path) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,7 +226,7 @@ def _plot(spec: StudySpec, data, out: Path) -> None:
 
     keys = [k for k in spec.report_metrics if len(measured_steps(data, k)) > 1]
     if not keys:
-        return
+        return None
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
     colors = {m: f"C{i}" for i, m in enumerate(data)}  # one colour per method in every panel
     for ax, key in zip(axes[0], keys):
@@ -234,3 +247,4 @@ def _plot(spec: StudySpec, data, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+    return out

@@ -26,6 +26,13 @@ def mean_ci(values) -> tuple[float, float]:
     return float(v.mean()), t_critical(len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v))
 
 
+def ratio_ci(ratios) -> tuple[float, float, float]:
+    """Geometric mean of positive ratios and its 95 % interval, taken on their logarithms (a ratio's
+    interval on its own scale would cross zero); nan bounds for one value."""
+    mean, half = mean_ci(np.log(np.asarray(ratios, dtype=float)))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
 HIGHER_IS_BETTER = ("ra", "cknna", "probe", "transfer_", "ra_retention")
 
 

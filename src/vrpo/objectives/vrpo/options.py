@@ -120,6 +120,13 @@ class VRPOOptions(AlignmentOptions):
         logged = {k: record[f"coef_{k}"] if f"coef_{k}" in record else scale * record[f"w_{k}"] for k in self.rewards}
         return {**logged, **token}
 
+    def alignment_schedule(self, record: dict[str, float]) -> dict[str, float]:
+        """lambda_s and the reward weights w_k as logged (v1's 1 / sqrt(v_R) is in its coefficients)."""
+        if "lambda_s" not in record:
+            return {}
+        weights = {f"w_{k}": record[f"w_{k}"] for k in self.rewards if f"w_{k}" in record}
+        return {"lambda_s": record["lambda_s"], **weights}
+
     def model_defaults(self, arch: str) -> dict:
         return global_token_defaults(self.encoders) if self.global_token else {}
 
