@@ -68,7 +68,8 @@ def plot_coefficients(data, title: str, out: Path) -> Path | None:
 
     width = max(len(terms) for _, terms in rows)
     fig, axes = plt.subplots(len(rows), width, figsize=(5 * width, 3.8 * len(rows)), squeeze=False)
-    colors = {m: f"C{i}" for i, m in enumerate(data)}  # the report's colours
+    # the report's colours; dashes so that methods with equal values (fixed prior weights) stay visible
+    styles = {m: {"color": f"C{i}", "linestyle": ("-", "--", ":", "-.")[i % 4]} for i, m in enumerate(data)}
     for row, (curves, terms) in enumerate(rows):
         for ax in axes[row][len(terms) :]:
             ax.set_visible(False)
@@ -80,10 +81,13 @@ def plot_coefficients(data, title: str, out: Path) -> Path | None:
                         per_step.setdefault(st, []).append(v)
                 if per_step:
                     steps = sorted(per_step)
-                    ax.plot(steps, [np.mean(per_step[st]) for st in steps], label=m, color=colors[m])
+                    ax.plot(steps, [np.mean(per_step[st]) for st in steps], label=m, **styles[m])
             ax.set_xlabel("step")
             ax.set_ylabel(f"coefficient on {name}" if curves == "coefficients" else name)
-            ax.set_yscale("symlog", linthresh=1e-3)  # collapsed weights (1e-6) and v1's scale (~155) on one axis
+            if name.startswith("w_"):  # weights: a share in [0, 1]
+                ax.set_ylim(0.0, 1.0)
+            else:  # collapsed coefficients (1e-6) and v1's scale (~155) on one axis
+                ax.set_yscale("symlog", linthresh=1e-3)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle(f"{title}: effective alignment coefficients, and lambda_s and the weights (mean over seeds)")
