@@ -123,12 +123,14 @@ def test_study_archive_representations_speedup_and_index(tmp_path):
     block = index.split("<!-- study:tiny -->")[1].split("<!-- /study:tiny -->")[0]
     assert "![report](report.png)" in block and "![report-coefficients](report-coefficients.png)" in block
     # another study with a run of the same resolved config reuses that run's archive, also when it was
-    # archived by an earlier version, before keys with behaviour-keeping defaults existed
+    # archived by an earlier version, before keys with behaviour-keeping defaults existed, and with
+    # another checkpoint cadence (what is kept on disk, not what is trained)
     import yaml
 
     saved = archive.parent / "seed0" / "config.yaml"
     tree = yaml.safe_load(saved.read_text())
     del tree["conventions"], tree["objective"]["schedule"], tree["train"]["ema_heads"]
+    tree["train"].update(ckpt_every=999, keep_last=7)
     saved.write_text(yaml.safe_dump(tree, sort_keys=False))
     twin = write_study(
         tmp_path,

@@ -205,11 +205,25 @@ def source_dir(spec: StudySpec, method: str, seed: int) -> Path:
     return archived if archived_final_step(archived) is not None else run_dir(spec, method, seed)
 
 
+# what a run keeps on disk, not what it trains: two runs that differ only here are the same run
+BOOKKEEPING_KEYS = {"train": ("ckpt_every", "keep_last", "progress")}
+
+
+def trained_config(tree: dict) -> dict:
+    """A resolved config as plain data without its bookkeeping keys."""
+    tree = yaml.safe_load(yaml.safe_dump(tree, sort_keys=False))
+    for section, keys in BOOKKEEPING_KEYS.items():
+        for key in keys:
+            tree.get(section, {}).pop(key, None)
+    return tree
+
+
 def archived_twin(spec: StudySpec, cfg, seed: int) -> Path | None:
-    """A finished run of another study, archived beside this one's, with the same resolved config:
-    its weights and numbers are this run's (training is deterministic), so it is reused, not retrained."""
+    """A finished run of another study, archived beside this one's, with the same resolved config up
+    to its checkpoint cadence: its weights and numbers are this run's (training is deterministic and
+    resumes bit-identically), so it is reused, not retrained."""
     own = archive_root(spec)
-    want = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    want = trained_config(cfg.to_dict())
     for config in sorted(own.parent.glob(f"*/*/seed{seed}/config.yaml")):
         folder = config.parent
         # read as a run folder: keys added since it was written take their defaults, which keep the
@@ -217,8 +231,8 @@ def archived_twin(spec: StudySpec, cfg, seed: int) -> Path | None:
         if folder.parents[1] == own:
             continue
         try:
-            same = archived_final_step(folder) == cfg.train.max_steps and want == yaml.safe_load(
-                yaml.safe_dump(load_run_config(folder).to_dict(), sort_keys=False)
+            same = archived_final_step(folder) == cfg.train.max_steps and want == trained_config(
+                load_run_config(folder).to_dict()
             )
         except ConfigError:  # a folder whose config no longer loads (another version's keys) is no twin
             continue
