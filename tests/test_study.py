@@ -61,6 +61,11 @@ def test_study_runs_paired_seeds_resumes_and_reports(tmp_path):
         "| repa | semantic | 0.5 +- 0 | 0.5 +- 0 | 0.5 - 0.5 |" in text
         and "| sit |" not in text.split("## Alignment coefficients")[1].split("##")[0]
     )
+    # and in the final table, beside the method's metrics ("-" for SiT, which aligns nothing)
+    final = text.split("## Final evaluation")[1].split("\n\n")[1]
+    assert re.search(r"^\| repa \|.* \| semantic 0\.5 \|$", final, re.M) and re.search(
+        r"^\| sit \|.* \| - \|$", final, re.M
+    )
     assert (tmp_path / "report-coefficients.png").is_file()
     # the report shows its plots inline, below the final table
     assert "![report](report.png)" in text and "![report-coefficients](report-coefficients.png)" in text

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vrpo.study.coefficients import coefficient_lines, plot_coefficients
+from vrpo.study.coefficients import coefficient_cell, coefficient_lines, plot_coefficients
 from vrpo.study.records import RETENTION_MIN_RA, collect, measured_steps
 from vrpo.study.selection import selection_lines
 from vrpo.study.spec import StudySpec
@@ -60,7 +60,8 @@ def final_table(spec: StudySpec, data) -> list[str]:
         keys += [k for k in ("ra", "cknna") if k not in keys]
         if spec.representations.get("transfer"):
             keys += ["transfer_ra", "ra_retention"]
-    lines = ["| method | " + " | ".join(keys) + " | s/step | training h |", "| --- |" + " --- |" * (len(keys) + 2)]
+    header = " | ".join(keys) + " | s/step | training h | alignment coefficient (second half)"
+    lines = [f"| method | {header} |", "| --- |" + " --- |" * (len(keys) + 3)]
     for m, runs in data.items():
         cells = []
         for k in keys:
@@ -69,6 +70,7 @@ def final_table(spec: StudySpec, data) -> list[str]:
         sps = [r.seconds_per_step for r in runs.values() if r.seconds_per_step]
         cells.append(_fmt(*mean_ci(sps), len(sps), ".3f"))
         cells.append(f"{sum(r.wall_s for r in runs.values()) / 3600:.2f}")
+        cells.append(coefficient_cell(runs))  # beside the metrics: a gain is read with its coefficient
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += [
         "",
