@@ -155,7 +155,15 @@ def write_report(spec: StudySpec) -> Path:
         "",
     ]
     summary = final_table(spec, data)
-    lines = head + summary + [""] + selection_lines(spec, data) + coefficient_lines(data) + speedup_lines(spec, data)
+    plots = [
+        _plot(spec, data, report.with_suffix(".png")),
+        plot_coefficients(data, spec.name, report.with_name(f"{report.stem}-coefficients.png")),
+    ]
+    plots = [p for p in plots if p is not None]
+    # inline below the final table, so that the report (and the index's block) shows them
+    figures = ["", *(f"![{p.stem}]({p.name})" for p in plots)] if plots else []
+    lines = [*head, *summary, *figures, ""]
+    lines += selection_lines(spec, data) + coefficient_lines(data) + speedup_lines(spec, data)
     for key in spec.report_metrics:
         steps = measured_steps(data, key)
         if len(steps) < 2:  # a single point (a final-only metric) is already in the final table
@@ -184,14 +192,6 @@ def write_report(spec: StudySpec) -> Path:
         "Per-run files: the archive beside this report (config, metrics.jsonl, log.jsonl, representations.json).",
         "Regenerate with `vrpo study --config STUDY.yaml --report-only`.",
     ]
-    plots = [
-        _plot(spec, data, report.with_suffix(".png")),
-        plot_coefficients(data, spec.name, report.with_name(f"{report.stem}-coefficients.png")),
-    ]
-    plots = [p for p in plots if p is not None]
-    # inline, so that the report (and the index's block) shows its curves and coefficients
-    figures = [f"![{p.stem}]({p.name})" for p in plots]
-    lines[len(head) + len(summary) : len(head) + len(summary)] = ["", *figures] if figures else []
     report.write_text("\n".join(lines) + "\n")
     if spec.index:
         update_index(Path(spec.index), spec, summary, report, plots)
