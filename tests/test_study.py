@@ -85,6 +85,21 @@ def test_study_runs_paired_seeds_resumes_and_reports(tmp_path):
     a = load_file(str(step_dirs(runs / "sit/seed0")[0] / "model.safetensors"))
     b = load_file(str(step_dirs(runs / "sit/seed1")[0] / "model.safetensors"))
     assert any((a[k] != b[k]).any() for k in a)  # different seeds differ
+    # a run still in progress (no timing file yet, nothing archived) is in the curves, not in the
+    # final table, the paired differences or the step-time ratio
+    import shutil
+
+    from vrpo.study import write_report
+
+    shutil.rmtree(tmp_path / "report" / "repa" / "seed1")
+    (runs / "repa" / "seed1" / "timing.jsonl").unlink()
+    text = write_report(spec).read_text()
+    final = text.split("## Final evaluation")[1].split("## ")[0]
+    assert "In progress, in the curves only: repa seed 1." in text
+    assert re.search(r"^\| repa \| [^|]*\(n=1\) \|", final, re.M) and "| repa | sit | fid |" in final
+    assert re.search(r"^\| repa \| sit \| fid \| [^|]* \| - \| 1 \|", final, re.M)
+    curve = text.split("## fid against steps")[1]
+    assert re.search(r"^\| 2 \| [^|]*\(n=2\) \| [^|]*\(n=2\) \|", curve, re.M)
 
 
 def test_study_archive_representations_speedup_and_index(tmp_path):

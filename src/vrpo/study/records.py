@@ -31,6 +31,8 @@ class RunRecord:
     coefficients: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     # adaptive quantity (lambda_s, w_k) -> [(step, value)], likewise
     schedule: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    # trained to the end (its timing file is written then): only finished runs have final values
+    finished: bool = True
 
     def value(self, key: str, step: int | None = None):
         """An evaluation metric at ``step`` (default: the last step that has it), a representation
@@ -105,11 +107,12 @@ def read_run(folder: Path, cfg: Config | None) -> RunRecord:
         log=log,
         coefficients=logged_curves(cfg.objective.alignment_coefficients, log) if cfg is not None else {},
         schedule=logged_curves(cfg.objective.alignment_schedule, log) if cfg is not None else {},
+        finished=(folder / "timing.jsonl").is_file(),
     )
 
 
 def collect(spec: StudySpec) -> dict[str, dict[int, RunRecord]]:
-    """method -> seed -> run record."""
+    """method -> seed -> run record, runs in progress included (their curve points are real)."""
     out: dict[str, dict[int, RunRecord]] = {}
     for m in spec.methods:
         cfg = run_config(spec, m)
@@ -123,6 +126,12 @@ def run_config(spec: StudySpec, method: str) -> Config | None:
         return method_config(spec, method, spec.seeds[0])
     folders = [source_dir(spec, method, seed) for seed in spec.seeds]
     return next((load_run_config(f) for f in folders if (f / "config.yaml").is_file()), None)
+
+
+def finished_runs(data) -> dict[str, dict[int, RunRecord]]:
+    """``data`` without the runs still in progress: a final value, a step time or a speed-up of a
+    run that has not reached its last step would read as the run's result."""
+    return {m: {s: r for s, r in runs.items() if r.finished} for m, runs in data.items()}
 
 
 def measured_steps(data, key: str) -> list[int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from vrpo.study.coefficients import coefficient_cell, coefficient_lines, plot_coefficients
-from vrpo.study.records import RETENTION_MIN_RA, collect, measured_steps
+from vrpo.study.records import RETENTION_MIN_RA, collect, finished_runs, measured_steps
 from vrpo.study.selection import selection_lines
 from vrpo.study.spec import StudySpec
 from vrpo.study.statistics import mean_ci, ratio_ci, steps_to_reach, verdict
@@ -48,7 +48,8 @@ def paired(
     """Per-seed differences method - reference (default: the baseline) where both have the value."""
     out = []
     for s in spec.seeds:
-        a, b = data[method][s].value(key, step), data[reference or spec.baseline][s].value(key, step)
+        run, ref = data[method].get(s), data[reference or spec.baseline].get(s)
+        a, b = (run.value(key, step), ref.value(key, step)) if run and ref else (None, None)
         if a is not None and b is not None:
             out.append(a - b)
     return out
@@ -99,7 +100,7 @@ def final_table(spec: StudySpec, data) -> list[str]:
         ratios = [
             data[m][s].seconds_per_step / data[ref][s].seconds_per_step
             for s in spec.seeds
-            if data[m][s].seconds_per_step and data[ref][s].seconds_per_step
+            if s in data[m] and s in data[ref] and data[m][s].seconds_per_step and data[ref][s].seconds_per_step
         ]
         if ratios:  # a ratio, not a difference
             lines.append(f"| {m} | {ref} | s/step ratio | {_ratio_cells(ratios, '.3f')} | {len(ratios)} | - |")
@@ -126,6 +127,8 @@ def speedup_against(spec: StudySpec, data, ref: str) -> list[str]:
     for m in (m for m in spec.methods if m != ref):
         ratios, per_seed = [], []
         for s in spec.seeds:
+            if s not in data[ref] or s not in data[m]:
+                continue
             target_curve, curve = data[ref][s].curve(key), data[m][s].curve(key)
             if not target_curve or not curve:
                 continue
@@ -142,19 +145,22 @@ def speedup_against(spec: StudySpec, data, ref: str) -> list[str]:
 
 def write_report(spec: StudySpec) -> Path:
     data = collect(spec)
+    final = finished_runs(data)  # final values, step times, selection and speed-up: finished runs only
     report = Path(spec.report)
     report.parent.mkdir(parents=True, exist_ok=True)
     hours = sum(r.wall_s for runs in data.values() for r in runs.values()) / 3600
+    running = [f"{m} seed {s}" for m, runs in data.items() for s, r in runs.items() if not r.finished and r.log]
     head = [
         f"# Study {spec.name}",
         "",
         f"Base config `{spec.base}`, overrides `{' '.join(spec.set)}`; seeds {spec.seeds} (paired); "
-        f"training wall time of the runs so far: {hours:.2f} h.",
+        f"training wall time of the runs so far: {hours:.2f} h."
+        + (f" In progress, in the curves only: {', '.join(running)}." if running else ""),
         "",
         "## Final evaluation (mean +- 95 % interval over seeds; n = seeds measured)",
         "",
     ]
-    summary = final_table(spec, data)
+    summary = final_table(spec, final)
     plots = [
         _plot(spec, data, report.with_suffix(".png")),
         plot_coefficients(data, spec.name, report.with_name(f"{report.stem}-coefficients.png")),
@@ -163,7 +169,7 @@ def write_report(spec: StudySpec) -> Path:
     # inline below the final table, so that the report (and the index's block) shows them
     figures = ["", *(f"![{p.stem}]({p.name})" for p in plots)] if plots else []
     lines = [*head, *summary, *figures, ""]
-    lines += selection_lines(spec, data) + coefficient_lines(data) + speedup_lines(spec, data)
+    lines += selection_lines(spec, final) + coefficient_lines(final) + speedup_lines(spec, final)
     for key in spec.report_metrics:
         steps = measured_steps(data, key)
         if len(steps) < 2:  # a single point (a final-only metric) is already in the final table
