@@ -297,8 +297,26 @@ def test_defer_final_leaves_the_final_evaluation_for_a_later_call(tmp_path):
     assert (archive / "metrics.jsonl").is_file() and not (archive / "final_eval.json").exists()
     trained = (archive / "log.jsonl").read_text()
     assert main(["study", "--config", str(path)]) == 0
-    assert json.loads((archive / "final_eval.json").read_text())["num_samples_8"] == 8
+    final = json.loads((archive / "final_eval.json").read_text())
+    assert final["num_samples_8"] == 8
     assert (archive / "log.jsonl").read_text() == trained  # not retrained
+    # on a new machine (run folder gone) the deferred final needs the weights: the study says it
+    # retrains for them, and the retrained run is the same run
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    (archive / "final_eval.json").unlink()
+    logged = []
+    run_study(load_study(path), log=logged.append)
+    assert any("final weights are no longer in" in m for m in logged)
+    assert json.loads((archive / "final_eval.json").read_text())["fid_8"] == pytest.approx(final["fid_8"], rel=1e-4)
+
+    def trained_values(text):  # the log without its clock readings
+        return [
+            {k: v for k, v in json.loads(r).items() if k not in ("time", "images_per_s")} for r in text.splitlines()
+        ]
+
+    assert trained_values((archive / "log.jsonl").read_text()) == trained_values(trained)
 
 
 def test_curve_steps_are_evaluated_later_from_kept_checkpoints(tmp_path):

@@ -70,6 +70,11 @@ def run_study(spec: StudySpec, log=print, only_seeds=None, only_methods=None) ->
             else:
                 done = latest_checkpoint(folder) if folder.exists() else None
                 if done is None or done.step < cfg.train.max_steps or not (folder / "timing.jsonl").is_file():
+                    if archived_final_step(archive) == cfg.train.max_steps:  # trained once, weights gone
+                        log(
+                            f"[study {spec.name}] {method} seed {seed}: trained, but its final weights are no longer "
+                            f"in {folder}; retraining (deterministic) for the representation or final evaluation"
+                        )
                     log(f"[study {spec.name}] {method} seed {seed} -> {folder}")
                     ensure_feature_cache(cfg)
                     start = time.time()
