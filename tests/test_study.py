@@ -85,11 +85,17 @@ def test_study_runs_paired_seeds_resumes_and_reports(tmp_path):
     a = load_file(str(step_dirs(runs / "sit/seed0")[0] / "model.safetensors"))
     b = load_file(str(step_dirs(runs / "sit/seed1")[0] / "model.safetensors"))
     assert any((a[k] != b[k]).any() for k in a)  # different seeds differ
+    # step times compare only within one machine: sit seed 0 moved to another one leaves one seed
+    from vrpo.study import write_report
+
+    ratio = r"^\| repa \| sit \| s/step ratio \(same machine\) \| [^|]* \| [^|]* \| {} \|"
+    assert re.search(ratio.format(2), text, re.M)
+    attempts = tmp_path / "report" / "sit" / "seed0" / "attempts.jsonl"
+    attempts.write_text(attempts.read_text().replace('"machine": "', '"machine": "another '))
+    assert re.search(ratio.format(1), write_report(spec).read_text(), re.M)
     # a run still in progress (no timing file yet, nothing archived) is in the curves, not in the
     # final table, the paired differences or the step-time ratio
     import shutil
-
-    from vrpo.study import write_report
 
     shutil.rmtree(tmp_path / "report" / "repa" / "seed1")
     (runs / "repa" / "seed1" / "timing.jsonl").unlink()

@@ -33,6 +33,8 @@ class RunRecord:
     schedule: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     # trained to the end (its timing file is written then): only finished runs have final values
     finished: bool = True
+    # the one machine every training attempt ran on; None when unrecorded (older runs) or several
+    machine: str | None = None
 
     def value(self, key: str, step: int | None = None):
         """An evaluation metric at ``step`` (default: the last step that has it), a representation
@@ -79,6 +81,13 @@ def training_wall_s(folder: Path, log: list[dict]) -> float:
     return total
 
 
+def training_machine(folder: Path) -> str | None:
+    """The machine of every training attempt of a run, None if any attempt did not record it or they differ."""
+    attempts = read_log(folder / "attempts.jsonl") + read_log(folder / "timing.jsonl")
+    machines = {r.get("machine") for r in attempts}
+    return machines.pop() if len(machines) == 1 else None
+
+
 def logged_curves(read, log: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """name -> [(step, value)] of a run's training log, ``read`` (an objective's
     ``alignment_coefficients`` or ``alignment_schedule``) naming the values in one record."""
@@ -108,6 +117,7 @@ def read_run(folder: Path, cfg: Config | None) -> RunRecord:
         coefficients=logged_curves(cfg.objective.alignment_coefficients, log) if cfg is not None else {},
         schedule=logged_curves(cfg.objective.alignment_schedule, log) if cfg is not None else {},
         finished=(folder / "timing.jsonl").is_file(),
+        machine=training_machine(folder),
     )
 
 

@@ -55,13 +55,19 @@ def paired(
     return out
 
 
+def same_machine(a, b) -> bool:
+    """Two runs whose step times compare: both timed, on one recorded machine (a study's runs
+    move between machines of different speeds; the interleaved benchmarks measure overheads)."""
+    return bool(a.seconds_per_step and b.seconds_per_step and a.machine and a.machine == b.machine)
+
+
 def final_table(spec: StudySpec, data) -> list[str]:
     keys = spec.report_metrics
     if spec.representations:
         keys += [k for k in ("ra", "cknna") if k not in keys]
         if spec.representations.get("transfer"):
             keys += ["transfer_ra", "ra_retention"]
-    header = " | ".join(keys) + " | s/step | training h | alignment coefficient (second half)"
+    header = " | ".join(keys) + " | s/step (as run) | training h | alignment coefficient (second half)"
     lines = [f"| method | {header} |", "| --- |" + " --- |" * (len(keys) + 3)]
     for m, runs in data.items():
         cells = []
@@ -100,10 +106,12 @@ def final_table(spec: StudySpec, data) -> list[str]:
         ratios = [
             data[m][s].seconds_per_step / data[ref][s].seconds_per_step
             for s in spec.seeds
-            if s in data[m] and s in data[ref] and data[m][s].seconds_per_step and data[ref][s].seconds_per_step
+            if s in data[m] and s in data[ref] and same_machine(data[m][s], data[ref][s])
         ]
         if ratios:  # a ratio, not a difference
-            lines.append(f"| {m} | {ref} | s/step ratio | {_ratio_cells(ratios, '.3f')} | {len(ratios)} | - |")
+            lines.append(
+                f"| {m} | {ref} | s/step ratio (same machine) | {_ratio_cells(ratios, '.3f')} | {len(ratios)} | - |"
+            )
     return lines
 
 

@@ -28,6 +28,7 @@ from vrpo.study.spec import (
 )
 from vrpo.train import train
 from vrpo.utils.jsonl import append_record
+from vrpo.utils.machine import machine_id
 
 
 def ensure_feature_cache(cfg) -> None:
@@ -78,9 +79,13 @@ def run_study(spec: StudySpec, log=print, only_seeds=None, only_methods=None) ->
                     log(f"[study {spec.name}] {method} seed {seed} -> {folder}")
                     ensure_feature_cache(cfg)
                     start = time.time()
-                    append_record(folder / "attempts.jsonl", {"start": start})  # a killed attempt still counts
+                    # a killed attempt still counts; the machine keeps step times of different machines apart
+                    append_record(folder / "attempts.jsonl", {"start": start, "machine": machine_id()})
                     train(cfg, folder)
-                    append_record(folder / "timing.jsonl", {"wall_s": time.time() - start, "at": time.time()})
+                    append_record(
+                        folder / "timing.jsonl",
+                        {"wall_s": time.time() - start, "at": time.time(), "machine": machine_id()},
+                    )
                 if spec.representations:
                     log(f"[study {spec.name}] representations of {method} seed {seed}")
                     measure_representations(spec, folder)
