@@ -121,6 +121,8 @@ def rank_errors(stderr: str) -> str:
     ranks = re.split(
         r"^\S+ \S+ \d+ \S*torch/distributed/elastic/multiprocessing/api\.py", stderr, maxsplit=1, flags=re.M
     )[0]
+    # a crashed interpreter ends with the list of its extension modules, which would hide its traceback
+    ranks = re.sub(r"^Extension modules:.*$", "", ranks, flags=re.M)
     return ranks[-3000:] + "\n[torchrun] " + stderr[-600:]
 
 
