@@ -83,8 +83,7 @@ def training_wall_s(folder: Path, log: list[dict]) -> float:
 
 def training_machine(folder: Path) -> str | None:
     """The machine of every training attempt of a run, None if any attempt did not record it or they differ."""
-    attempts = read_log(folder / "attempts.jsonl") + read_log(folder / "timing.jsonl")
-    machines = {r.get("machine") for r in attempts}
+    machines = {r.get("machine") for r in read_log(folder / "attempts.jsonl")}
     return machines.pop() if len(machines) == 1 else None
 
 

@@ -82,10 +82,7 @@ def run_study(spec: StudySpec, log=print, only_seeds=None, only_methods=None) ->
                     # a killed attempt still counts; the machine keeps step times of different machines apart
                     append_record(folder / "attempts.jsonl", {"start": start, "machine": machine_id()})
                     train(cfg, folder)
-                    append_record(
-                        folder / "timing.jsonl",
-                        {"wall_s": time.time() - start, "at": time.time(), "machine": machine_id()},
-                    )
+                    append_record(folder / "timing.jsonl", {"wall_s": time.time() - start, "at": time.time()})
                 if spec.representations:
                     log(f"[study {spec.name}] representations of {method} seed {seed}")
                     measure_representations(spec, folder)
