@@ -11,7 +11,7 @@ from vrpo.data import step_generator
 from vrpo.errors import ConfigError
 from vrpo.models import build_model
 from vrpo.objectives import build_objective
-from vrpo.objectives.alignment import token_cosine
+from vrpo.objectives.cosine import token_cosine
 from vrpo.transport import generate
 from vrpo.transport.samplers import GuidedPrediction
 

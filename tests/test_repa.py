@@ -68,7 +68,7 @@ def test_repa_loss_matches_the_direct_formula():
 
 
 def test_token_cosine_equals_torch_cosine_in_value_and_gradient():
-    from vrpo.objectives.alignment import token_cosine
+    from vrpo.objectives.cosine import token_cosine
 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)

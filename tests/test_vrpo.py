@@ -182,7 +182,7 @@ def test_fidelity_reward_falls_as_statistics_move_away(base):
         rewards = []
         for shift in (0.0, 0.5, 1.0, 2.0):  # mean and spread move away together
             g = (fake.double() * torch.linspace(0.5, 2, 8).double() * (1 + shift) + 1 + shift).float()
-            r = fidelity_reward([g[:, None].expand(-1, 3, -1)], [reference], vrpo.options)  # 3 identical tokens
+            r = fidelity_reward([g], [reference], vrpo.options)  # the token means
             rewards.append((float(r.batch), float(r.sample.mean())))
         assert [b for b, _ in rewards] == sorted([b for b, _ in rewards], reverse=True)
         assert [s for _, s in rewards] == sorted([s for _, s in rewards], reverse=True)

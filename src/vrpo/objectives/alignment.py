@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from vrpo.data import pixel_resolution
 from vrpo.encoders import build_encoder, pool_tokens, resample_tokens
@@ -23,6 +22,7 @@ from vrpo.errors import ConfigError
 from vrpo.models import SIZES, ConvProjector, Projector, parse_arch
 from vrpo.models.heads import PROJECTOR_INITS
 from vrpo.objectives.base import Objective
+from vrpo.objectives.cosine import token_cosine
 from vrpo.objectives.schedules import ScheduledOptions
 
 
@@ -217,17 +217,6 @@ def spatial_normalize(tokens: torch.Tensor, alpha: float, eps: float = 1e-6) -> 
     constant = std <= 1e-5 * tokens.abs().amax(dim=1, keepdim=True)
     normalised = (tokens - alpha * tokens.mean(dim=1, keepdim=True)) / (std + eps)
     return normalised.masked_fill(constant, 0.0)
-
-
-def token_cosine(z: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """cos(z, y) over the last dimension, as F.cosine_similarity (each norm clamped at eps).
-
-    The targets are normalised first: they carry no gradient (encoder outputs, stop-gradient
-    passes), so the backward touches z alone, at half the cost of F.cosine_similarity's.
-    """
-    dtype = torch.promote_types(z.dtype, torch.float32)  # half precision (autocast) is computed in float32
-    z, y = z.to(dtype), y.to(dtype)
-    return (z * F.normalize(y, dim=-1, eps=eps)).sum(-1) / torch.linalg.vector_norm(z, dim=-1).clamp_min(eps)
 
 
 class AlignmentObjective(Objective):

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from vrpo.errors import ConfigError
 from vrpo.models import SIZES, parse_arch
-from vrpo.objectives.alignment import token_cosine
 from vrpo.objectives.base import LossOutput, Objective
+from vrpo.objectives.cosine import token_cosine
 from vrpo.objectives.schedules import ScheduledOptions
 
 

@@ -16,8 +16,8 @@ import torch
 
 from vrpo.encoders import global_width
 from vrpo.errors import ConfigError
-from vrpo.objectives.alignment import token_cosine
 from vrpo.objectives.base import DenoisingStep
+from vrpo.objectives.cosine import token_cosine
 from vrpo.objectives.repa import REPA, REPAOptions
 
 

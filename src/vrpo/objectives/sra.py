@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from vrpo.errors import ConfigError
 from vrpo.models import SIZES, parse_arch
-from vrpo.objectives.alignment import token_cosine
 from vrpo.objectives.base import LossOutput, Objective
+from vrpo.objectives.cosine import token_cosine
 from vrpo.objectives.layersync import scaled_block
 from vrpo.objectives.schedules import ScheduledOptions
 

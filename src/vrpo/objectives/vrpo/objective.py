@@ -17,6 +17,7 @@ import torch.nn as nn
 from vrpo.errors import ConfigError
 from vrpo.objectives.alignment import AlignmentObjective, build_projector
 from vrpo.objectives.base import Batch, DenoisingStep, LossOutput
+from vrpo.objectives.cosine import projection_rewards
 from vrpo.objectives.vrpo.diagnostics import dominant_weight, gradient_shares, plot_vrpo
 from vrpo.objectives.vrpo.options import REWARDS, VRPOOptions, layer_plan, micro_batch
 from vrpo.objectives.vrpo.rewards import (
@@ -26,7 +27,6 @@ from vrpo.objectives.vrpo.rewards import (
     fidelity_reward,
     global_cosine,
     load_lpips,
-    mean_over,
     perceptual_reward,
     policy_weights,
 )
@@ -178,25 +178,31 @@ class VRPO(RewardStatistics, AlignmentObjective):
 
     def layer_rewards(self, position: int, hidden, after, targets, globals_, reference) -> dict[str, Reward]:
         o, out = self.options, {}
-        z = self.project_layer(hidden, position)
+        patch = "semantic" in self.rewards and o.semantic != "global"
+        # one pass over each encoder's projection for the three rewards (objectives/cosine.py)
+        parts = [
+            projection_rewards(
+                z,
+                y if patch else None,
+                after[e] if after is not None else None,
+                centre=o.stability_centering,  # v2: centred per token position, no constant optimum
+                pooled="fidelity" in self.rewards,
+            )
+            for e, (z, y) in enumerate(zip(self.project_layer(hidden, position), targets))
+        ]
+        semantic, stability, pooled = zip(*parts)
         if "semantic" in self.rewards:
-            parts = []
-            if o.semantic != "global":
-                parts.append(self.alignment.cosine(z, targets))
+            means = [torch.stack(semantic).mean(0)] if patch else []
             if o.semantic != "patch":
-                parts.append(global_cosine(self.global_heads, hidden, globals_))
-            r = parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
+                means.append(global_cosine(self.global_heads, hidden, globals_))
+            r = means[0] if len(means) == 1 else torch.stack(means).mean(0)
             out["semantic"] = Reward(r, r.mean())
         if "stability" in self.rewards:
-            n = after[0].shape[0]
-            now = [p[:n] for p in z]
-            if o.stability_centering:  # centred per token position over the pass's samples: no constant optimum
-                now, after = [p - mean_over(p, 0) for p in now], [p - mean_over(p, 0) for p in after]
-            r = self.alignment.cosine(now, after)
+            r = torch.stack(stability).mean(0)
             # rows outside the stability subset take its mean (advantages need every row)
-            out["stability"] = Reward(torch.cat([r, r.detach().mean().expand(z[0].shape[0] - n)]), r.mean())
+            out["stability"] = Reward(torch.cat([r, r.detach().mean().expand(hidden.shape[0] - r.shape[0])]), r.mean())
         if "fidelity" in self.rewards:
-            out["fidelity"] = fidelity_reward(z, reference, o)
+            out["fidelity"] = fidelity_reward(list(pooled), reference, o)
         return out
 
     def policy_logs(self, advantage: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> dict:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from vrpo.objectives.alignment import token_cosine
+from vrpo.objectives.cosine import token_cosine
 
 
 class Reward(NamedTuple):
@@ -57,12 +57,6 @@ def load_lpips():
     return net.eval().requires_grad_(False)
 
 
-def mean_over(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """x.mean(dim, keepdim=True) as a sum and a division: its backward broadcasts the gradient
-    instead of dividing a full-size copy (a few ms a step on the projections)."""
-    return x.sum(dim, keepdim=True) / x.shape[dim]
-
-
 def global_cosine(heads, hidden: torch.Tensor, globals_: list[torch.Tensor]) -> torch.Tensor:
     """Cosine of a head on the mean-pooled states to each encoder's global vector, averaged: [B]."""
     pooled = hidden.mean(dim=1)
@@ -74,13 +68,12 @@ def clip_fidelity(r: torch.Tensor, floor: float, mode: str) -> torch.Tensor:
     return r.clamp_min(floor) if mode == "hard" else floor * torch.tanh(r / floor)
 
 
-def fidelity_reward(projected: list[torch.Tensor], reference: list[tuple], options) -> Reward:
-    """Per sample: -squared distance of its pooled projection to the real mean, per dimension;
-    per batch: -FD of the pooled projections to the real statistics, per dimension (both clipped)."""
+def fidelity_reward(pooled: list[torch.Tensor], reference: list[tuple], options) -> Reward:
+    """Per sample: -squared distance of its token-mean projection g [B, D] to the real mean, per
+    dimension; per batch: -FD of the g to the real statistics, per dimension (both clipped)."""
     floor, mode = options.fidelity_floor, options.fidelity_clip
     samples, batches = [], []
-    for z, (mean, second, root) in zip(projected, reference):
-        g = mean_over(z.float(), 1).squeeze(1)  # pooled over tokens
+    for g, (mean, second, root) in zip(pooled, reference):
         dim = g.shape[1]
         samples.append(clip_fidelity(-(g.double() - mean).pow(2).sum(1).float() / dim, floor, mode))
         batches.append(clip_fidelity(-frechet_reward_terms(g, mean, second, root).float() / dim, floor, mode))
