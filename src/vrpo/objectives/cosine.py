@@ -31,7 +31,7 @@ def cosine_forward(z: torch.Tensor, unit: torch.Tensor) -> tuple[torch.Tensor, .
     """(cos(z, u) per token for unit targets u, the clamped |z|, cos / |z| where |z| was not clamped)."""
     raw = torch.linalg.vector_norm(z, dim=-1)
     norm = raw.clamp_min(EPS)
-    value = torch.linalg.vecdot(z, unit) / norm
+    value = (z * unit).sum(-1) / norm  # not linalg.vecdot: autocast would run it in half precision
     # where |z| was clamped it is a constant: cos = z . u / eps has no -cos z/|z| term
     ratio = torch.where(raw > EPS, value / norm, torch.zeros_like(value))
     return value, norm, ratio
@@ -61,7 +61,7 @@ class _TokenCosine(torch.autograd.Function):
 
 
 def token_cosine(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """cos(z, y) over the last dimension, as F.cosine_similarity (each norm clamped at 1e-8), for
+    """cos(z, y) over the last dimension, as F.cosine_similarity (for norms above its eps, 1e-8), for
     targets y without gradient (a clear error otherwise); float32 at least. [..., D] -> [...]."""
     return _TokenCosine.apply(z, unit_targets(y, compute_dtype(z)))
 
@@ -121,6 +121,15 @@ def projection_rewards(
     the token mean of cos(z, semantic_target) [B]; the token mean of cos(zc, ac) over the first n
     rows [n], z's rows and the gradient-free stability_target [n, N, D] both centred over those rows
     at each token when ``centre``; the token mean of z [B, D] when ``pooled``."""
+    if z.dim() != 3:
+        raise ValueError(f"a projection is [batch, tokens, dim], got {tuple(z.shape)}")
+    rows = None if stability_target is None else stability_target.shape[0]
+    for name, target, shape in (("semantic", semantic_target, z.shape), ("stability", stability_target, z.shape[1:])):
+        # no broadcasting: the token means count z's tokens
+        if target is not None and (target.dim() != 3 or target.shape[-len(shape) :] != shape):
+            raise ValueError(f"{name} targets {tuple(target.shape)} do not match the projection {tuple(z.shape)}")
+    if rows is not None and not 0 < rows <= z.shape[0]:
+        raise ValueError(f"stability targets for {rows} rows of a projection of {z.shape[0]}")
     dtype = compute_dtype(z)
     semantic_unit = None if semantic_target is None else unit_targets(semantic_target, dtype)
     stability_unit = None
